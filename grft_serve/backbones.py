@@ -117,6 +117,9 @@ class TimmBackbone(Backbone):
         self.model_id = f"timm/{name}"
         self.feature_dim = int(model.num_features)
         self.data_config = timm.data.resolve_data_config({}, model=model)
+        pe = getattr(model, "patch_embed", None)  # fixed-size ViTs built with a custom img_size
+        if pe is not None and getattr(pe, "img_size", None) and not getattr(pe, "dynamic_img_size", False):
+            self.data_config["input_size"] = (3, *pe.img_size)
         self._eval_tf = None
 
     def forward(self, batch):
@@ -152,7 +155,7 @@ class HFTextBackbone(Backbone):
 
     kind = "text"
 
-    def __init__(self, path: str | os.PathLike, pooling: Literal["mean", "last"] = "mean",
+    def __init__(self, path: str | os.PathLike | None, pooling: Literal["mean", "last"] = "mean",
                  max_length: int = 128, model_id: str | None = None, model: nn.Module | None = None,
                  tokenizer: Any = None, torch_dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -162,16 +165,17 @@ class HFTextBackbone(Backbone):
             if not Path(path).is_dir():
                 raise BackboneError(f"transformers model directory not found: {path}")
             model = AutoModel.from_pretrained(str(path), torch_dtype=torch_dtype)
-        if tokenizer is None:
+        if tokenizer is None and path is not None:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
-        if tokenizer.pad_token is None:  # LLaMA tokenizers ship without a pad token
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "right"
+        if tokenizer is not None:
+            if tokenizer.pad_token is None:  # LLaMA tokenizers ship without a pad token
+                tokenizer.pad_token = tokenizer.eos_token
+            tokenizer.padding_side = "right"
         self.net = model
         self.tokenizer = tokenizer
         self.pooling = pooling
         self.max_length = max_length
-        self.model_id = model_id or f"hf/{Path(str(path)).name}"
+        self.model_id = model_id or f"hf/{Path(str(path)).name if path else type(model).__name__}"
         self.feature_dim = int(model.config.hidden_size)
 
     def exclude_from_patching(self) -> tuple[str, ...]:
@@ -179,6 +183,8 @@ class HFTextBackbone(Backbone):
         return tuple(n for n in ("net.lm_head",) if _has_module(self, n))
 
     def preprocess(self, raw):
+        if self.tokenizer is None:
+            raise BackboneError(f"backbone {self.model_id} has no tokenizer; pass token batches")
         texts = []
         for r in raw:
             if not isinstance(r, str):

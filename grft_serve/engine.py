@@ -93,7 +93,7 @@ class _Packed:
         return self.buf.numel()
 
     def to(self, device) -> "_Packed":
-        return _Packed(self.buf.to(device, non_blocking=True), self.layout, self.modes)
+        return _Packed(self.buf.to(device, non_blocking=True, copy=True), self.layout, self.modes)
 
     def views(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -129,7 +129,8 @@ class Engine:
     """
 
     def __init__(self, backbone: Backbone, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 device_cache_bytes: int = 1 << 30, max_package_bytes: int = DEFAULT_MAX_BYTES):
+                 device_cache_bytes: int = 1 << 30, max_package_bytes: int = DEFAULT_MAX_BYTES,
+                 device_tier: bool | None = None):
         self.backbone = backbone
         self.device = torch.device(device)
         self.max_package_bytes = max_package_bytes
@@ -143,6 +144,9 @@ class Engine:
         self._build_flat_buffers()
         self.hooks = RowOpHooks(self.modules)
         self._pin = self.device.type == "cuda"
+        # on CPU the host copy is already where the model is; ``device_tier=True`` keeps a separate
+        # LRU tier anyway (tests exercise eviction without a GPU)
+        self.device_tier = self.device.type != "cpu" if device_tier is None else device_tier
         self._lock = threading.RLock()
         self._tasks: dict[str, TaskInfo] = {}
         self._host: dict[str, _Resident] = {}
@@ -309,7 +313,7 @@ class Engine:
         host = self._host.get(task_id)
         if host is None:
             raise UnknownTaskError(f"unknown task {task_id!r}")
-        if self.device.type == "cpu":
+        if not self.device_tier:
             return host
         r = self._dev.get(task_id)
         if r is not None:

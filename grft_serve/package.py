@@ -194,12 +194,14 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
 # read + validate
 # ---------------------------------------------------------------------------------------------
 def _read_header(data: bytes) -> tuple[dict, int]:
-    if data[:1] == b"\x80" or data[:2] == b"PK" or data[:1] in (b"(", b"c", b"}", b"]") and b"\x94" in data[:64]:
+    n = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else 0
+    looks_st = 2 <= n <= 100_000_000 and data[8:9] == b"{"
+    if not looks_st and (data[:2] == b"PK" or (data[:1] == b"\x80" and data[1:2] in bytes(range(2, 6)))
+                         or data[-1:] == b"." and data[:1] in (b"(", b"c", b"}", b"]")):
         raise PickleContentError("package looks like a pickle / torch.save file; only safetensors is accepted")
     if len(data) < 8:
         raise NotSafetensorsError(f"not a safetensors file ({len(data)} bytes, no header)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n < 2 or n > 100_000_000 or data[8:9] != b"{":
+    if not looks_st:
         raise NotSafetensorsError("not a safetensors file (bad header length or header is not JSON)")
     if 8 + n > len(data):
         raise TruncatedPackageError(f"truncated package: header needs {8 + n} bytes, file has {len(data)}")

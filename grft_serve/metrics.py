@@ -1,0 +1,105 @@
+"""Prometheus metrics of the serving app, recorded through Ray Serve's metrics API.
+
+Ray exports every ``ray.serve.metrics`` metric on each node's metrics port (``ray start
+--metrics-export-port``, ``ray.init(_metrics_export_port=...)``) with a ``ray_`` prefix and the Serve tags
+(``application``, ``deployment``, ``replica``) added; the ingress also proxies the local node's
+``grft_*`` lines at ``GET /metrics``. Each metric object is created lazily inside the replica process
+that records it (metric objects must not be pickled into a deployment).
+
+Besides the Ray metric, every recording is mirrored in a plain in-process dict (:func:`snapshot`) so
+tests and the ``/v1/backbones`` stats can check what was recorded without waiting for the exporter.
+"""
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
+SIZE_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+_lock = threading.Lock()
+_objs: dict[str, object] = {}
+_mirror: dict[str, float] = defaultdict(float)
+
+
+def _metric(kind: str, name: str, description: str, tag_keys: tuple[str, ...] = (), boundaries=None):
+    with _lock:
+        m = _objs.get(name)
+        if m is None:
+            from ray.serve import metrics as sm
+
+            if kind == "counter":
+                m = sm.Counter(name, description=description, tag_keys=tag_keys)
+            elif kind == "gauge":
+                m = sm.Gauge(name, description=description, tag_keys=tag_keys)
+            else:
+                m = sm.Histogram(name, description=description, boundaries=boundaries, tag_keys=tag_keys)
+            _objs[name] = m
+        return m
+
+
+def _key(name: str, tags: dict | None) -> str:
+    if not tags:
+        return name
+    return name + "{" + ",".join(f"{k}={v}" for k, v in sorted(tags.items())) + "}"
+
+
+def _safe(fn):
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - metrics must never fail a request (e.g. outside a Ray worker)
+        pass
+
+
+# -- definitions ---------------------------------------------------------------------------------
+SPECS = {
+    "grft_requests": ("counter", "HTTP requests handled by the ingress", ("endpoint", "method", "status")),
+    "grft_request_latency_ms": ("histogram", "Ingress request latency in milliseconds", ("endpoint",),
+                                LATENCY_BOUNDARIES_MS),
+    "grft_predict_inputs": ("counter", "Inputs predicted", ("backbone",)),
+    "grft_batch_size": ("histogram", "Samples per backbone forward (Serve dynamic batch)", ("backbone",),
+                        SIZE_BOUNDARIES),
+    "grft_tasks_per_batch": ("histogram", "Distinct tasks per backbone forward", ("backbone",), SIZE_BOUNDARIES),
+    "grft_batch_latency_ms": ("histogram", "Backbone batch latency (sync + preprocess + forward) in ms",
+                              ("backbone",), LATENCY_BOUNDARIES_MS),
+    "grft_batches": ("counter", "Backbone forwards by path", ("backbone", "path")),
+    "grft_cache_hits": ("counter", "Device task-cache hits", ("backbone",)),
+    "grft_cache_misses": ("counter", "Device task-cache misses (host-to-device uploads)", ("backbone",)),
+    "grft_cache_evictions": ("counter", "Device task-cache evictions", ("backbone",)),
+    "grft_tasks_loaded": ("gauge", "Tasks registered in this replica's engine", ("backbone",)),
+    "grft_device_cache_bytes": ("gauge", "Task bytes resident on the device", ("backbone",)),
+    "grft_syncs": ("counter", "Store syncs run by a backbone replica", ("backbone",)),
+    "grft_registrations": ("counter", "Task registrations / deletions through the API", ("op", "status")),
+}
+
+
+def _get(name: str):
+    kind, desc, tags, *rest = SPECS[name]
+    return _metric(kind, name, desc, tags, rest[0] if rest else None)
+
+
+def inc(name: str, value: float = 1.0, tags: dict | None = None) -> None:
+    if value <= 0:
+        return
+    with _lock:
+        _mirror[_key(name, tags)] += value
+    _safe(lambda: _get(name).inc(value, tags=dict(tags or {})))
+
+
+def observe(name: str, value: float, tags: dict | None = None) -> None:
+    with _lock:
+        _mirror[_key(name, tags) + ":count"] += 1
+        _mirror[_key(name, tags) + ":sum"] += value
+    _safe(lambda: _get(name).observe(value, tags=dict(tags or {})))
+
+
+def set_gauge(name: str, value: float, tags: dict | None = None) -> None:
+    with _lock:
+        _mirror[_key(name, tags)] = value
+    _safe(lambda: _get(name).set(value, tags=dict(tags or {})))
+
+
+def snapshot() -> dict[str, float]:
+    """What this process recorded so far (``name{tags}`` → value; histograms as ``:count``/``:sum``)."""
+    with _lock:
+        return dict(_mirror)
