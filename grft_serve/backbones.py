@@ -164,7 +164,7 @@ class HFTextBackbone(Backbone):
         if model is None:
             if not Path(path).is_dir():
                 raise BackboneError(f"transformers model directory not found: {path}")
-            model = AutoModel.from_pretrained(str(path), torch_dtype=torch_dtype)
+            model = AutoModel.from_pretrained(str(path), dtype=torch_dtype)
         if tokenizer is None and path is not None:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
         if tokenizer is not None:

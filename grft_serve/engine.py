@@ -265,8 +265,13 @@ class Engine:
                 t[f"{name}.values"] = d.values.to(dt)
                 base_cols = m.weight.detach().index_select(1, d.indices.to(self.device)).float().cpu()
                 t[f"{name}.col_delta"] = (d.values.float() - base_cols).to(dt)
+            if d.mode == ROW and (d.bias is not None or m.bias is not None):
+                b = d.bias if d.bias is not None else m.bias.detach().float().cpu()
+                t[f"{name}.sel_bias"] = b.index_select(0, d.indices).to(dt)
             if d.bias is not None:
                 t[f"{name}.bias"] = d.bias.to(dt)
+                if m.bias is not None:
+                    t[f"{name}.bias_delta"] = (d.bias.float() - m.bias.detach().float().cpu()).to(dt)
                 o = self.bias_offset[name]
                 bias_idx.append(torch.arange(o, o + d.bias.numel()))
                 bias_val.append(d.bias.to(dt))
@@ -298,6 +303,8 @@ class Engine:
                 deltas[name] = ModuleDelta(ROW, idx, rows, bias)
             else:
                 deltas[name] = ModuleDelta(COLUMN, idx, v[f"{name}.values"], bias, v[f"{name}.col_delta"])
+            deltas[name].sel_bias = v.get(f"{name}.sel_bias")
+            deltas[name].bias_delta = v.get(f"{name}.bias_delta")
         for gid in sorted(cursor):
             row_groups.append((gid, v[f"g{gid}.idx"], v[f"g{gid}.rows"]))
         bias_patch = (v["bias.idx"], v["bias.values"]) if "bias.idx" in v else None

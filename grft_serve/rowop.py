@@ -37,6 +37,8 @@ class ModuleDelta:
     values: torch.Tensor
     bias: torch.Tensor | None = None
     col_delta: torch.Tensor | None = None
+    sel_bias: torch.Tensor | None = None  # serving: bias of the selected rows (task's or base's)
+    bias_delta: torch.Tensor | None = None  # serving: task bias − base bias
 
     @property
     def k(self) -> int:
@@ -150,7 +152,13 @@ def build_mixed_plan(module: nn.Module, task_deltas: Sequence[ModuleDelta | None
     if any(r is not None for r in rows):
         K = max(r.k for r in rows if r is not None)
         idx_l, val_l, b_l, valid_l = [], [], [], []
+        uniform = all(r is not None and r.k == K for r in rows)
         for r in rows:
+            if uniform:  # the common case (same k per matrix for every task): no padding ops
+                idx_l.append(r.indices)
+                val_l.append(r.values)
+                b_l.append(_sel_bias(r, base_b))
+                continue
             if r is None:  # no rows here: write back the current output (mask), any index
                 idx_l.append(torch.zeros(K, dtype=torch.long, device=dev))
                 val_l.append(torch.zeros((K, *W.shape[1:]), dtype=dt, device=dev))
@@ -161,19 +169,21 @@ def build_mixed_plan(module: nn.Module, task_deltas: Sequence[ModuleDelta | None
             sel = torch.cat([torch.arange(r.k, device=dev), torch.zeros(pad, dtype=torch.long, device=dev)])
             idx_l.append(r.indices.index_select(0, sel))
             val_l.append(r.values.index_select(0, sel))
-            bias = r.bias if r.bias is not None else base_b
-            b_l.append(bias.index_select(0, idx_l[-1]) if bias is not None
-                       else torch.zeros(K, dtype=dt, device=dev))
+            b_l.append(_sel_bias(r, base_b).index_select(0, sel))
             valid_l.append(torch.ones(K, dtype=torch.bool, device=dev))
         plan.row_idx = torch.stack(idx_l).index_select(0, sample_task)
         plan.row_vals = torch.stack(val_l).index_select(0, sample_task)
         plan.row_bias = torch.stack(b_l).index_select(0, sample_task)
-        valid = torch.stack(valid_l)
-        plan.row_valid = None if bool(valid.all()) else valid.index_select(0, sample_task)
+        if not uniform and any(r is None for r in rows):
+            plan.row_valid = torch.stack(valid_l).index_select(0, sample_task)
     cols = [d if d is not None and d.mode == COLUMN and d.k > 0 else None for d in task_deltas]
     if any(c is not None for c in cols):
         K = max(c.k for c in cols if c is not None)
         idx_l, dl = [], []
+        if all(c is not None and c.k == K for c in cols):
+            plan.col_idx = torch.stack([c.indices for c in cols]).index_select(0, sample_task)
+            plan.col_delta = torch.stack([_col_delta(c, W) for c in cols]).index_select(0, sample_task)
+            cols = []
         for c in cols:
             shape = (out, K, *W.shape[2:])
             z = torch.zeros(shape, dtype=dt, device=dev)
@@ -181,18 +191,36 @@ def build_mixed_plan(module: nn.Module, task_deltas: Sequence[ModuleDelta | None
                 idx_l.append(torch.zeros(K, dtype=torch.long, device=dev))
                 dl.append(z)
                 continue
-            delta = c.col_delta if c.col_delta is not None else c.values - W.index_select(1, c.indices)
-            z[:, : c.k] = delta  # zero padding columns contribute exactly nothing
+            z[:, : c.k] = _col_delta(c, W)  # zero padding columns contribute exactly nothing
             idx_l.append(torch.cat([c.indices, torch.zeros(K - c.k, dtype=torch.long, device=dev)]))
             dl.append(z)
-        plan.col_idx = torch.stack(idx_l).index_select(0, sample_task)
-        plan.col_delta = torch.stack(dl).index_select(0, sample_task)
+        if cols:
+            plan.col_idx = torch.stack(idx_l).index_select(0, sample_task)
+            plan.col_delta = torch.stack(dl).index_select(0, sample_task)
     if any(d is not None and d.bias is not None for d in task_deltas):
         zero = torch.zeros(out, dtype=dt, device=dev)
-        bl = [(d.bias - base_b if base_b is not None else d.bias) if d is not None and d.bias is not None
-              else zero for d in task_deltas]
+        bl = [_bias_delta(d, base_b) if d is not None and d.bias is not None else zero for d in task_deltas]
         plan.bias_delta = torch.stack(bl).index_select(0, sample_task)
     return plan
+
+
+def _sel_bias(d: ModuleDelta, base_b: torch.Tensor | None) -> torch.Tensor:
+    if d.sel_bias is not None:
+        return d.sel_bias
+    bias = d.bias if d.bias is not None else base_b
+    if bias is None:
+        return torch.zeros(d.k, dtype=d.values.dtype, device=d.values.device)
+    return bias.index_select(0, d.indices)
+
+
+def _col_delta(d: ModuleDelta, W: torch.Tensor) -> torch.Tensor:
+    return d.col_delta if d.col_delta is not None else d.values - W.index_select(1, d.indices)
+
+
+def _bias_delta(d: ModuleDelta, base_b: torch.Tensor | None) -> torch.Tensor:
+    if d.bias_delta is not None:
+        return d.bias_delta
+    return d.bias - base_b if base_b is not None else d.bias
 
 
 def apply_mixed(module: nn.Module, x: torch.Tensor, y: torch.Tensor, p: MixedPlan) -> torch.Tensor:

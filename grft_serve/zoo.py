@@ -200,7 +200,7 @@ def _tmp_is_stale(tmp: Path, now: float) -> bool:
         return False
     except ProcessLookupError:
         return True
-    except (ValueError, PermissionError, OSError):
+    except (ValueError, OSError):  # unparsable name, or not ours to signal
         return False
 
 
