@@ -265,8 +265,9 @@ class Engine:
                 t[f"{name}.values"] = d.values.to(dt)
                 base_cols = m.weight.detach().index_select(1, d.indices.to(self.device)).float().cpu()
                 t[f"{name}.col_delta"] = (d.values.float() - base_cols).to(dt)
-            if d.mode == ROW and (d.bias is not None or m.bias is not None):
-                b = d.bias if d.bias is not None else m.bias.detach().float().cpu()
+            if d.mode == ROW:  # bias of the selected rows (zeros without one): no per-batch allocs
+                b = d.bias if d.bias is not None else m.bias.detach().float().cpu() if m.bias is not None \
+                    else torch.zeros(m.weight.shape[0])
                 t[f"{name}.sel_bias"] = b.index_select(0, d.indices).to(dt)
             if d.bias is not None:
                 t[f"{name}.bias"] = d.bias.to(dt)
@@ -388,41 +389,57 @@ class Engine:
             versions = [self._tasks[t].version for t in task_ids]
             res = [self._resident(t, unique) for t in unique]
             batch = Backbone.batch_to(batch, self.device, self.dtype)
-            sample_task = torch.tensor([slot[t] for t in task_ids], device=self.device)
+            # per-task sample lists are built on the host: no device syncs for the routing
+            groups: list[list[int]] = [[] for _ in unique]
+            for i, t in enumerate(task_ids):
+                groups[slot[t]].append(i)
+            sel = [torch.tensor(g, device=self.device) for g in groups]
             use_patch = path == "patch" or (path == "auto" and len(unique) == 1)
             if use_patch:
-                feats = None
+                parts = []
                 for i, r in enumerate(res):
-                    sel = (sample_task == i).nonzero().flatten()
-                    sub = batch if len(unique) == 1 else Backbone.batch_select(batch, sel)
+                    sub = batch if len(unique) == 1 else Backbone.batch_select(batch, sel[i])
                     with self.patched(r):
-                        f = self.backbone(sub)
-                    if len(unique) == 1:
-                        feats = f
-                    else:
-                        if feats is None:
-                            feats = torch.empty((n, f.shape[1]), dtype=f.dtype, device=f.device)
-                        feats.index_copy_(0, sel, f)
+                        parts.append(self.backbone(sub))
                 self.counters["patch_batches"] += 1
             else:
+                sample_task = torch.tensor([slot[t] for t in task_ids], device=self.device)
                 try:
-                    for name, m in self.modules.items():
-                        plan = build_mixed_plan(m, [r.deltas.get(name) for r in res], sample_task)
-                        if plan is not None:
-                            self.hooks.active[name] = plan
+                    self.hooks.active.update(self.mixed_plans(res, sample_task))
                     feats = self.backbone(batch)
                 finally:
                     self.hooks.active.clear()
+                parts = [feats if len(unique) == 1 else feats.index_select(0, s) for s in sel]
                 self.counters["override_batches"] += 1
-            logits: list[torch.Tensor | None] = [None] * n
-            for i, r in enumerate(res):
-                sel = (sample_task == i).nonzero().flatten()
-                out = F.linear(feats.index_select(0, sel).to(r.head_w.dtype), r.head_w, r.head_b).float().cpu()
-                for j, s in enumerate(sel.tolist()):
-                    logits[s] = out[j]
+            logits = self.heads(parts, res, groups)
             self.counters["batches"] += 1
             self.counters["samples"] += n
         return logits, versions  # type: ignore[return-value]
+
+    def mixed_plans(self, res: Sequence[_Resident], sample_task: torch.Tensor) -> dict:
+        """Per-module :class:`MixedPlan` for a batch over the tasks ``res`` (modules no task touches
+        are left out, so their hooks stay idle)."""
+        plans = {}
+        for name, m in self.modules.items():
+            plan = build_mixed_plan(m, [r.deltas.get(name) for r in res], sample_task)
+            if plan is not None:
+                plans[name] = plan
+        return plans
+
+    @staticmethod
+    def heads(parts: Sequence[torch.Tensor], res: Sequence[_Resident], groups: Sequence[list[int]]) -> list:
+        """Each task's head on its samples' features; ONE device-to-host copy for the whole batch."""
+        outs = [F.linear(f.to(r.head_w.dtype), r.head_w, r.head_b).float().flatten() for f, r in zip(parts, res)]
+        flat = torch.cat(outs).cpu() if len(outs) > 1 else outs[0].cpu()
+        logits: list = [None] * sum(len(g) for g in groups)
+        pos = 0
+        for g, r in zip(groups, res):
+            c = r.head_w.shape[0]
+            block = flat[pos:pos + len(g) * c].view(len(g), c)
+            pos += len(g) * c
+            for j, s in enumerate(g):
+                logits[s] = block[j]
+        return logits
 
     def predict(self, raw_inputs: Sequence[Any], task_ids: Sequence[str], top_k: int = 5,
                 path: Path_ = "auto") -> list[dict]:
