@@ -10,6 +10,7 @@ Loading never touches the network: timm weights come from a local file
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -33,9 +34,19 @@ class Backbone(nn.Module):
     feature_dim: int = 0
 
     # -- batches -------------------------------------------------------------------------------
-    def preprocess(self, raw: Sequence[Any]) -> Any:
-        """Turn raw inputs (PIL images, strings, tensors) into a batch for :meth:`forward`."""
+    def preprocess(self, raw: Sequence[Any], preprocessing: dict | None = None) -> Any:
+        """Turn raw inputs (PIL images, strings, tensors) into a batch for :meth:`forward`.
+
+        ``preprocessing`` is a task package's ``preprocessing`` metadata: inputs are prepared exactly
+        as they were in training (e.g. the input resolution a task was trained at)."""
         return torch.stack([torch.as_tensor(r) for r in raw])
+
+    def check_preprocessing(self, preprocessing: dict) -> str | None:
+        """Why a task trained with ``preprocessing`` cannot be served on this backbone (None: it can)."""
+        kind = (preprocessing or {}).get("kind")
+        if kind is not None and kind != self.kind:
+            return f"task expects {kind} inputs; backbone {self.model_id} takes {self.kind} inputs"
+        return None
 
     @staticmethod
     def batch_len(batch: Any) -> int:
@@ -121,20 +132,36 @@ class TimmBackbone(Backbone):
         if pe is not None and getattr(pe, "img_size", None) and not getattr(pe, "dynamic_img_size", False):
             self.data_config["input_size"] = (3, *pe.img_size)
         self._eval_tf = None
+        self._task_tfs: dict[str, Any] = {}
 
     def forward(self, batch):
         return self.net(batch)
 
-    def eval_transform(self):
+    def set_input_size(self, size: int | None) -> None:
+        """Use a square ``size`` input instead of the model's default (resize, never crop: small
+        images such as 28 px Fashion-MNIST are upscaled whole). Recorded by ``preprocessing_meta``."""
+        if size is None:
+            return
+        self.data_config = {**self.data_config, "input_size": (3, int(size), int(size)), "crop_pct": 1.0}
+        self._eval_tf = None
+
+    def eval_transform(self, data_config: dict | None = None):
+        import timm.data
+
+        if data_config is not None:
+            key = json.dumps(data_config, sort_keys=True, default=str)
+            if key not in self._task_tfs:
+                cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()}
+                self._task_tfs[key] = timm.data.create_transform(**cfg, is_training=False)
+            return self._task_tfs[key]
         if self._eval_tf is None:
-            import timm.data
             self._eval_tf = timm.data.create_transform(**self.data_config, is_training=False)
         return self._eval_tf
 
-    def preprocess(self, raw):
+    def preprocess(self, raw, preprocessing: dict | None = None):
         from PIL import Image
 
-        tf = self.eval_transform()
+        tf = self.eval_transform((preprocessing or {}).get("timm_data_config"))
         out = []
         for r in raw:
             if isinstance(r, torch.Tensor):
@@ -182,7 +209,14 @@ class HFTextBackbone(Backbone):
         # A causal-LM head would never run in a classification forward; bodies have none.
         return tuple(n for n in ("net.lm_head",) if _has_module(self, n))
 
-    def preprocess(self, raw):
+    def check_preprocessing(self, preprocessing: dict) -> str | None:
+        why = super().check_preprocessing(preprocessing)
+        pooling = (preprocessing or {}).get("pooling")
+        if why is None and pooling is not None and pooling != self.pooling:
+            why = f"task was trained with {pooling} pooling; backbone {self.model_id} pools by {self.pooling}"
+        return why
+
+    def preprocess(self, raw, preprocessing: dict | None = None):
         if self.tokenizer is None:
             raise BackboneError(f"backbone {self.model_id} has no tokenizer; pass token batches")
         texts = []
@@ -190,7 +224,8 @@ class HFTextBackbone(Backbone):
             if not isinstance(r, str):
                 raise TypeError(f"expected a string, got {type(r).__name__}")
             texts.append(r)
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+        max_length = int((preprocessing or {}).get("max_length") or self.max_length)
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length,
                              return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 

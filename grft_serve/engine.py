@@ -16,6 +16,7 @@ validation happen outside it.
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import OrderedDict
@@ -29,7 +30,7 @@ from torch import nn
 
 from .backbones import Backbone
 from .base import BaseSpec, fingerprint_modules, iter_patchable
-from .package import DEFAULT_MAX_BYTES, PackageMeta, TaskPackage, load_package, package_bytes, read_package_bytes
+from .package import DEFAULT_MAX_BYTES, PackageMeta, PreprocessingMismatchError, TaskPackage, load_package, package_bytes, read_package_bytes
 from .rowop import COLUMN, ROW, ModuleDelta, RowOpHooks, build_mixed_plan
 from .store import TaskStore, content_version
 
@@ -199,6 +200,9 @@ class Engine:
         data = package_bytes(source) if isinstance(source, TaskPackage) else \
             read_package_bytes(source, self.max_package_bytes)
         pkg = load_package(data, base=self.spec, max_bytes=self.max_package_bytes)
+        why = self.backbone.check_preprocessing(pkg.meta.preprocessing)
+        if why is not None:
+            raise PreprocessingMismatchError(why)
         version = version or content_version(data)
         with self._lock:  # column deltas read base weights: never while a patch is applied
             if pkg.task_id in self._tasks and not replace:
@@ -444,10 +448,22 @@ class Engine:
     def predict(self, raw_inputs: Sequence[Any], task_ids: Sequence[str], top_k: int = 5,
                 path: Path_ = "auto") -> list[dict]:
         """Preprocess raw inputs (PIL images / strings), run them, and format per-input answers."""
-        for t in set(task_ids):
-            self.task(t)
-        batch = self.backbone.preprocess(list(raw_inputs))
-        logits, versions = self.forward(batch, list(task_ids), path=path)
+        # inputs are prepared the way each task was trained; tasks sharing a preprocessing (the
+        # usual case) share one forward
+        by_prep: dict[str, list[int]] = {}
+        preps: dict[str, dict] = {}
+        for i, t in enumerate(task_ids):
+            prep = self.task(t).meta.preprocessing
+            key = json.dumps(prep, sort_keys=True, default=str)
+            by_prep.setdefault(key, []).append(i)
+            preps[key] = prep
+        logits: list = [None] * len(task_ids)
+        versions: list = [None] * len(task_ids)
+        for key, idx in by_prep.items():
+            batch = self.backbone.preprocess([raw_inputs[i] for i in idx], preps[key])
+            lg, ver = self.forward(batch, [task_ids[i] for i in idx], path=path)
+            for j, i in enumerate(idx):
+                logits[i], versions[i] = lg[j], ver[j]
         out = []
         for lg, tid, ver in zip(logits, task_ids, versions):
             labels = self._tasks[tid].meta.labels if tid in self._tasks else [str(i) for i in range(lg.numel())]

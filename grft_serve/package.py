@@ -101,6 +101,10 @@ class FingerprintMismatchError(PackageError):
     status, code = 409, "base_fingerprint_mismatch"
 
 
+class PreprocessingMismatchError(PackageError):
+    status, code = 422, "preprocessing_mismatch"
+
+
 class PackageTooLargeError(PackageError):
     status, code = 413, "too_large"
 

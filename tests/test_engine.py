@@ -323,3 +323,34 @@ def test_cuda_paths_match_and_base_exact():
             out = torch.stack(eng.forward(x, [p.task_id] * 8, path=path)[0])
             assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
     _assert_base_exact(eng, snap)
+
+
+def test_predict_uses_each_tasks_preprocessing(cnn):
+    """Tasks trained at different input sizes on one CNN are each served at their own size."""
+    from PIL import Image
+
+    from grft_serve.package import PreprocessingMismatchError
+
+    small = random_package(cnn, "small", k=1, seed=1)
+    big = random_package(cnn, "big", k=1, seed=2)
+    for pkg, size in ((small, 32), (big, 48)):
+        cnn.set_input_size(size)
+        pkg.meta.preprocessing = cnn.preprocessing_meta()
+    cnn.set_input_size(64)
+    eng = Engine(cnn)
+    eng.register(small)
+    eng.register(big)
+    imgs = [Image.new("RGB", (50, 40), (30 * i, 90, 160)) for i in range(4)]
+    ids = ["small", "big", "small", "big"]
+    got = eng.predict(imgs, ids, top_k=3)
+    for i, (img, tid) in enumerate(zip(imgs, ids)):
+        pkg = small if tid == "small" else big
+        x = cnn.preprocess([img], pkg.meta.preprocessing)
+        assert x.shape[-1] == (32 if tid == "small" else 48)
+        ref = reference_forward(cnn, pkg, x)[0].softmax(-1)
+        assert abs(got[i]["score"] - float(ref.max())) < 1e-5
+    text = random_package(cnn, "text", k=1, seed=3)
+    text.meta.preprocessing = {"kind": "text", "pooling": "mean"}
+    with pytest.raises(PreprocessingMismatchError, match="text inputs"):
+        eng.register(text)
+    assert {t.task_id for t in eng.tasks()} == {"small", "big"}
