@@ -75,12 +75,14 @@ def _group_channels(module: nn.Conv2d, out_idx: torch.Tensor) -> torch.Tensor:
 
 
 def _set(y: torch.Tensor, dim: int, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    src = src.to(y.dtype)  # autocast may compute the override in another dtype than y
     if torch.is_grad_enabled() and (y.requires_grad or src.requires_grad):
         return y.index_copy(dim, idx, src)
     return y.index_copy_(dim, idx, src)
 
 
 def _add(y: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    d = d.to(y.dtype)
     if torch.is_grad_enabled() and (y.requires_grad or d.requires_grad):
         return y + d
     return y.add_(d)

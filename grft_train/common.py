@@ -1,0 +1,123 @@
+"""Helpers shared by select / fit / eval: devices, backbones, batching, seeding."""
+from __future__ import annotations
+
+import random
+import re
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from grft_serve.backbones import Backbone, load_backbone
+
+from .data import DataSplits, SampleSet, load_splits
+
+HEAD_RE = re.compile(r"(^|\.)(head|heads|classifier|fc|lm_head|pre_logits)(\.|$)")
+EMBED_RE = re.compile(r"(^|\.)(patch_embed|conv_stem|stem|embeddings)(\.|$)")
+BLOCK_RE = re.compile(r"(?:^|\.)(?:blocks|layer|layers|h|stages|block)\.(\d+)(?:\.|$)")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = torch.device(name)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return d
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def set_input_size(backbone: Backbone, size: int | None) -> None:
+    """Override an image backbone's input resolution (recorded by ``preprocessing_meta``)."""
+    if size is not None and hasattr(backbone, "set_input_size"):
+        backbone.set_input_size(size)
+
+
+def apply_preprocessing_meta(backbone: Backbone, meta: dict) -> None:
+    """Make an image backbone preprocess exactly like it did during training (from package meta)."""
+    if hasattr(backbone, "use_preprocessing"):
+        backbone.use_preprocessing(meta)
+
+
+def apply_threads(cfg) -> None:
+    n = getattr(cfg, "threads", None)
+    if n:
+        torch.set_num_threads(int(n))
+
+
+def build_backbone(cfg, device: torch.device) -> Backbone:
+    # Random-init backbones (tests, demos without weights) must be the same model in every command,
+    # whatever the run seed: build them under a fixed seed without touching the global RNG state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        bb = load_backbone(cfg.backbone)
+    set_input_size(bb, cfg.input_size)
+    freeze(bb)
+    bb.eval()
+    return bb.to(device)
+
+
+def freeze(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+def load_data(cfg, backbone: Backbone | None = None) -> DataSplits:
+    data_cfg = cfg.data
+    splits = load_splits(data_cfg)
+    if backbone is not None and splits.kind != backbone.kind and backbone.kind in ("image", "text"):
+        from .data import DataError
+
+        raise DataError(f"{splits.kind} data cannot feed the {backbone.kind} backbone {backbone.model_id}")
+    return splits
+
+
+def iter_batches(ds: SampleSet, batch_size: int, shuffle: bool = False,
+                 generator: np.random.Generator | None = None) -> Iterator[tuple[list[Any], torch.Tensor]]:
+    order = np.arange(len(ds))
+    if shuffle:
+        order = (generator or np.random.default_rng(0)).permutation(len(ds))
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        items = [ds[int(i)] for i in idx]
+        yield [x for x, _ in items], torch.tensor([y for _, y in items], dtype=torch.long)
+
+
+def module_block(name: str) -> int | None:
+    """Index of the transformer/CNN block a module belongs to (first ``blocks.N``/``layer.N`` match)."""
+    m = BLOCK_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def is_head(name: str) -> bool:
+    return bool(HEAD_RE.search(name))
+
+
+def is_embed(name: str) -> bool:
+    return bool(EMBED_RE.search(name))
+
+
+def autocast_ctx(device: torch.device, bf16: bool):
+    if device.type == "cuda" and bf16:
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return torch.autocast(device_type="cpu", enabled=False)
+
+
+def count_params(module: nn.Module) -> int:
+    seen, n = set(), 0
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def fmt_names(names: Sequence[str], n: int = 5) -> str:
+    names = list(names)
+    return ", ".join(names[:n]) + (f", ... ({len(names)} total)" if len(names) > n else "")

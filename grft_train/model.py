@@ -1,0 +1,102 @@
+"""A frozen backbone + one task's row deltas (through :class:`grft_serve.rowop.RowOpHooks`) + a head.
+
+Training and evaluation share this forward: training passes ``nn.Parameter`` values, evaluation
+the tensors of a loaded :class:`grft_serve.package.TaskPackage`. The backbone's own weights are
+never written; the hooks compute the patched outputs from the frozen ones.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from grft_serve.backbones import Backbone
+from grft_serve.package import TaskPackage
+from grft_serve.rowop import ModuleDelta, RowOpHooks
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class TaskModel(nn.Module):
+    """``logits = head(backbone(batch))`` with ``deltas`` applied to the backbone's modules.
+
+    ``values``/``biases`` (dicts module -> tensor) become parameters when ``trainable``.
+    """
+
+    def __init__(self, backbone: Backbone, mode: str, indices: dict[str, torch.Tensor],
+                 values: dict[str, torch.Tensor], biases: dict[str, torch.Tensor | None],
+                 head: nn.Linear, trainable: bool = True):
+        super().__init__()
+        self.backbone = backbone
+        self.mode = mode
+        self.names = list(indices)
+        self.head = head
+        dev = next(backbone.parameters()).device
+        for n, idx in indices.items():
+            self.register_buffer(f"idx__{_key(n)}", idx.to(device=dev, dtype=torch.int64), persistent=False)
+        self.values = nn.ParameterDict() if trainable else {}
+        self.biases = nn.ParameterDict() if trainable else {}
+        for n in self.names:
+            v = values[n].to(dev)
+            b = biases.get(n)
+            if trainable:
+                self.values[_key(n)] = nn.Parameter(v.clone())
+                if b is not None:
+                    self.biases[_key(n)] = nn.Parameter(b.to(dev).clone())
+            else:
+                self.values[_key(n)] = v
+                if b is not None:
+                    self.biases[_key(n)] = b.to(dev)
+        self.hooks = RowOpHooks({n: backbone.get_submodule(n) for n in self.names})
+
+    # -- deltas --------------------------------------------------------------------------------
+    def indices(self, name: str) -> torch.Tensor:
+        return getattr(self, f"idx__{_key(name)}")
+
+    def value(self, name: str) -> torch.Tensor:
+        return self.values[_key(name)]
+
+    def bias(self, name: str) -> torch.Tensor | None:
+        k = _key(name)
+        return self.biases[k] if k in self.biases else None
+
+    def deltas(self) -> dict[str, ModuleDelta]:
+        return {n: ModuleDelta(mode=self.mode, indices=self.indices(n), values=self.value(n), bias=self.bias(n))
+                for n in self.names}
+
+    # -- forward -------------------------------------------------------------------------------
+    def features(self, batch) -> torch.Tensor:
+        self.hooks.active = self.deltas()
+        try:
+            return self.backbone(batch)
+        finally:
+            self.hooks.active = {}
+
+    def forward(self, batch) -> torch.Tensor:
+        f = self.features(batch)
+        return self.head(f)
+
+    def train(self, mode: bool = True):
+        """Only the head follows train/eval; the frozen backbone always runs in eval mode
+        (batch-norm statistics and dropout of the base model stay as served)."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def close(self) -> None:
+        self.hooks.remove()
+
+    @classmethod
+    def from_package(cls, backbone: Backbone, pkg: TaskPackage) -> "TaskModel":
+        head = nn.Linear(pkg.head_weight.shape[1], pkg.head_weight.shape[0])
+        dev = next(backbone.parameters()).device
+        with torch.no_grad():
+            head.weight.copy_(pkg.head_weight.float())
+            head.bias.copy_(pkg.head_bias.float())
+        head.requires_grad_(False)
+        dt = next(backbone.parameters()).dtype
+        idx = {n: d.indices for n, d in pkg.deltas.items()}
+        vals = {n: d.values.to(dt) for n, d in pkg.deltas.items()}
+        biases = {n: (d.bias.to(dt) if d.bias is not None else None) for n, d in pkg.deltas.items()}
+        return cls(backbone, pkg.meta.mode, idx, vals, biases, head.to(dev), trainable=False)

@@ -1,0 +1,404 @@
+"""GRFT parameter selection: SCL gradients on the pretrained weights -> top-k rows/columns.
+
+For every eligible patchable module (``nn.Linear``/``nn.Conv2d`` of the backbone, heads excluded,
+optionally without the patch/stem embedding) the squared SCL gradients are accumulated over N
+batches (no zeroing between batches, as GPS does) and summed per row (over every dim but 0) or per
+column (over every dim but 1). The top-k rows/columns of each matrix are kept; ``budget`` turns a
+global fraction of backbone parameters into a per-matrix k. ``sparse`` keeps GPS's top-k entries of
+each row instead (a baseline: such a selection cannot be packaged).
+
+The selection file is safetensors: ``<module>.indices`` (int64, sorted; sparse: ``[out, k]``),
+``<module>.scores`` (float32 per row/column) and ``__metadata__["grft_selection"]`` (JSON).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from grft_serve.backbones import Backbone
+from grft_serve.base import iter_patchable
+from grft_serve.package import atomic_write
+
+from .common import (apply_threads, build_backbone, count_params, is_embed, is_head, iter_batches, load_data,
+                     resolve_device, seed_everything)
+from .config import SelectConfig
+from .data import SampleSet
+from .scl import SCLViews, supcon_loss
+
+log = logging.getLogger("grft_train.select")
+META_KEY = "grft_selection"
+
+
+class SelectionError(ValueError):
+    """A selection could not be computed, read, or used with this backbone."""
+
+
+@dataclass
+class Selection:
+    mode: str  # row | column | sparse
+    indices: dict[str, torch.Tensor]  # module -> int64 [k] sorted (sparse: [out, k] sorted per row)
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def k(self) -> dict[str, int]:
+        return {n: int(i.shape[-1]) for n, i in self.indices.items()}
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save
+
+        tensors = {}
+        for n, idx in self.indices.items():
+            tensors[f"{n}.indices"] = idx.to(torch.int64).contiguous().cpu()
+            if n in self.scores:
+                tensors[f"{n}.scores"] = self.scores[n].float().contiguous().cpu()
+        meta = dict(self.meta, mode=self.mode, k=_k_summary(self.k))
+        return atomic_write(path, save(tensors, metadata={META_KEY: json.dumps(meta)}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Selection":
+        from safetensors import safe_open
+
+        p = Path(path)
+        if not p.is_file():
+            raise SelectionError(f"selection file not found: {p} (run `grft-train select` first)")
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                raw = (f.metadata() or {}).get(META_KEY)
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001
+            raise SelectionError(f"{p} is not a selection file: {e}") from None
+        if raw is None:
+            raise SelectionError(f"{p} has no {META_KEY!r} metadata (not written by `grft-train select`)")
+        meta = json.loads(raw)
+        idx, scores = {}, {}
+        for k, t in tensors.items():
+            mod, _, kind = k.rpartition(".")
+            if kind == "indices":
+                idx[mod] = t.to(torch.int64)
+            elif kind == "scores":
+                scores[mod] = t
+        return cls(mode=meta["mode"], indices=idx, scores=scores, meta=meta)
+
+
+def _k_summary(k: dict[str, int]) -> int | dict[str, int]:
+    vals = set(k.values())
+    return vals.pop() if len(vals) == 1 else dict(k)
+
+
+# ---------------------------------------------------------------------------------------------
+# eligibility, scores, top-k, budgets
+# ---------------------------------------------------------------------------------------------
+def eligible_modules(backbone: Backbone, include_patch_embed: bool = True, include: list[str] = (),
+                     exclude: list[str] = (), mode: str = "row") -> list[tuple[str, nn.Module]]:
+    """Patchable modules GRFT may select in (names as in ``backbone.describe()``)."""
+    inc = [re.compile(p) for p in include]
+    exc = [re.compile(p) for p in exclude]
+    out = []
+    for name, mod in iter_patchable(backbone, backbone.exclude_from_patching()):
+        if is_head(name):
+            continue
+        if not include_patch_embed and is_embed(name):
+            continue
+        if inc and not any(p.search(name) for p in inc):
+            continue
+        if any(p.search(name) for p in exc):
+            continue
+        if mode == "column" and getattr(mod, "groups", 1) != 1:
+            continue  # column patching of a grouped conv would mix channel groups: row mode only
+        out.append((name, mod))
+    if not out:
+        raise SelectionError("no eligible patchable module (check include/exclude patterns)")
+    return out
+
+
+def slice_scores(grad: torch.Tensor, mode: str) -> torch.Tensor:
+    """Sum of squared gradients per row (dim 0) or per column (dim 1)."""
+    g2 = grad.float().pow(2)
+    if mode == "column":
+        return g2.transpose(0, 1).reshape(g2.shape[1], -1).sum(1)
+    return g2.reshape(g2.shape[0], -1).sum(1)
+
+
+def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores, sorted ascending (ties: lower index first)."""
+    k = max(0, min(int(k), scores.numel()))
+    if k == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    # stable descending order so equal scores resolve deterministically
+    order = torch.sort(scores.detach().cpu().double(), descending=True, stable=True).indices
+    return torch.sort(order[:k]).values.to(torch.int64)
+
+
+def sparse_indices(grad: torch.Tensor, k: int) -> torch.Tensor:
+    """GPS: per row, the k entries (flattened over dims 1..) with the largest squared gradient."""
+    g2 = grad.float().pow(2).reshape(grad.shape[0], -1).cpu()
+    k = min(k, g2.shape[1])
+    return torch.sort(torch.topk(g2, k, dim=1).indices, dim=1).values.to(torch.int64)
+
+
+def budget_to_k(shapes: dict[str, tuple[int, ...]], mode: str, total_params: int, budget: float,
+                scores: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
+    """Turn a parameter budget (fraction of ``total_params``) into a per-matrix k.
+
+    The largest uniform k whose selected values fit the budget; if even k=1 everywhere does not fit,
+    single rows/columns go to the matrices with the highest best-slice score per parameter until the
+    budget is used (matrices left out get k=0).
+    """
+    allowed = budget * total_params
+
+    def per_slice(shape):
+        n = 1
+        for i, s in enumerate(shape):
+            if i != (0 if mode != "column" else 1):
+                n *= s
+        return n
+
+    def n_slices(shape):
+        return shape[1] if mode == "column" else shape[0]
+
+    def cost(k):
+        return sum(min(k, n_slices(s)) * per_slice(s) for s in shapes.values())
+
+    kmax = max(n_slices(s) for s in shapes.values())
+    lo, hi = 0, kmax
+    while lo < hi:  # largest k with cost(k) <= allowed
+        mid = (lo + hi + 1) // 2
+        if cost(mid) <= allowed:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo >= 1:
+        return {n: min(lo, n_slices(s)) for n, s in shapes.items()}
+    order = sorted(shapes, key=lambda n: -(float(scores[n].max()) / per_slice(shapes[n]) if scores else 0.0))
+    out, used = {n: 0 for n in shapes}, 0
+    for n in order:
+        c = per_slice(shapes[n])
+        if used + c <= allowed:
+            out[n] = 1
+            used += c
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients
+# ---------------------------------------------------------------------------------------------
+def _subsets(ds: SampleSet, n: int, seed: int) -> list[SampleSet]:
+    """Split ``ds`` into n disjoint, class-stratified subsets (deterministic for ``seed``)."""
+    if n <= 1:
+        return [ds]
+    rng = np.random.default_rng(seed + 7919)
+    t = np.asarray(ds.targets)
+    parts: list[list[int]] = [[] for _ in range(n)]
+    for c in np.unique(t):
+        idx = np.flatnonzero(t == c)
+        idx = idx[rng.permutation(len(idx))]
+        for j, chunk in enumerate(np.array_split(idx, n)):
+            parts[(j + int(c)) % n].extend(int(i) for i in chunk)
+    if any(len(p) == 0 for p in parts):
+        raise SelectionError(f"cannot split {len(ds)} training samples into {n} non-empty subsets")
+    return [ds.subset(sorted(p)) for p in parts]
+
+
+def subset_losses(backbone: Backbone, views: SCLViews, subsets: list[SampleSet], cfg: SelectConfig,
+                  device: torch.device) -> list[float]:
+    """Mean SCL loss of each subset (no gradients), with the same augmentation seed for each."""
+    out = []
+    for s in subsets:
+        torch.manual_seed(cfg.seed)
+        tot, n = 0.0, 0
+        with torch.no_grad():
+            for b, (raws, y) in enumerate(iter_batches(s, cfg.batch_size)):
+                if cfg.num_batches is not None and b >= cfg.num_batches:
+                    break
+                loss = supcon_loss(views.features(raws, device), y.to(device), cfg.temperature)
+                tot += float(loss) * len(raws)
+                n += len(raws)
+        out.append(tot / max(n, 1))
+    return out
+
+
+def accumulate_grads(backbone: Backbone, modules: list[tuple[str, nn.Module]], ds: SampleSet,
+                     cfg: SelectConfig, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
+    """SCL gradients w.r.t. the weights of ``modules`` accumulated over the batches of ``ds``.
+
+    Weights are only marked ``requires_grad`` for the duration; they are never written."""
+    views = SCLViews(backbone)
+    weights = [m.weight for _, m in modules]
+    for w in weights:
+        w.grad = None
+        w.requires_grad_(True)
+    losses = []
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    try:
+        from tqdm.auto import tqdm
+
+        n_batches = math.ceil(len(ds) / cfg.batch_size)
+        if cfg.num_batches is not None:
+            n_batches = min(n_batches, cfg.num_batches)
+        bar = tqdm(total=n_batches, desc="select (SCL grads)", disable=not cfg.progress, leave=False)
+        for b, (raws, y) in enumerate(iter_batches(ds, cfg.batch_size, shuffle=True, generator=rng)):
+            if b >= n_batches:
+                break
+            loss = supcon_loss(views.features(raws, device), y.to(device), cfg.temperature)
+            if loss.requires_grad:
+                loss.backward()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(scl=f"{losses[-1]:.3f}")
+        bar.close()
+        grads = {}
+        for (name, _), w in zip(modules, weights):
+            grads[name] = (w.grad.detach().float().cpu() if w.grad is not None
+                           else torch.zeros(w.shape, dtype=torch.float32))
+    finally:
+        for w in weights:
+            w.grad = None
+            w.requires_grad_(False)
+    return grads, {"scl_losses": losses, "batches": len(losses)}
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+# ---------------------------------------------------------------------------------------------
+def select_from_grads(grads: dict[str, torch.Tensor], mode: str, k: int, budget: float | None,
+                      total_params: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    if mode == "sparse":
+        return {n: sparse_indices(g, k) for n, g in grads.items()}, {}
+    scores = {n: slice_scores(g, mode) for n, g in grads.items()}
+    if budget is not None:
+        ks = budget_to_k({n: tuple(g.shape) for n, g in grads.items()}, mode, total_params, budget, scores)
+    else:
+        ks = {n: k for n in grads}
+    idx = {n: topk_indices(scores[n], ks[n]) for n in grads}
+    return idx, scores
+
+
+def run_select(cfg: SelectConfig, backbone: Backbone | None = None, splits=None) -> Selection:
+    """Compute and save a selection (``cfg.out``); returns it."""
+    t0 = time.time()
+    seed_everything(cfg.seed)
+    apply_threads(cfg)
+    device = resolve_device(cfg.device)
+    if backbone is None:
+        backbone = build_backbone(cfg, device)
+    if splits is None:
+        splits = load_data(cfg, backbone)
+    spec = backbone.describe()
+    modules = eligible_modules(backbone, cfg.include_patch_embed, cfg.include, cfg.exclude, cfg.mode)
+    subsets = _subsets(splits.train, cfg.subsets, cfg.seed)
+    losses = None
+    chosen = 0
+    if len(subsets) > 1:
+        losses = subset_losses(backbone, SCLViews(backbone), subsets, cfg, device)
+        chosen = int(np.argmin(losses))
+        log.info("subset SCL losses %s -> subset %d", losses, chosen)
+    grads, ginfo = accumulate_grads(backbone, modules, subsets[chosen], cfg, device)
+    unused = [n for n, g in grads.items() if not bool(g.abs().sum() > 0)]
+    if len(unused) == len(grads):
+        raise SelectionError("every SCL gradient is zero: the selection data gave no signal")
+    if unused:  # modules the forward never runs (e.g. an unused pooler): nothing to learn there
+        log.info("skipping %d modules with zero gradient: %s", len(unused), unused[:5])
+        grads = {n: g for n, g in grads.items() if n not in unused}
+    total = count_params(backbone)
+    idx, scores = select_from_grads(grads, cfg.mode, cfg.k, cfg.budget, total)
+    idx = {n: i for n, i in idx.items() if i.shape[-1] > 0}
+    selected = sum(_numel_selected(spec.modules[n].weight_shape, cfg.mode, i) for n, i in idx.items())
+    meta = {
+        "format": "grft-selection/1",
+        "base_model_id": spec.model_id,
+        "base_fingerprint": spec.fingerprint,
+        "labels": splits.labels,
+        "modules": list(idx),
+        "eligible_modules": [n for n, _ in modules],
+        "zero_grad_modules": unused,
+        "budget": cfg.budget,
+        "selected_values": selected,
+        "backbone_params": total,
+        "selected_fraction": selected / total,
+        "subsets": cfg.subsets,
+        "subset_losses": losses,
+        "chosen_subset": chosen,
+        "subset_size": len(subsets[chosen]),
+        "scl": ginfo,
+        "preprocessing": backbone.preprocessing_meta(),
+        "config": cfg.model_dump(mode="json"),
+        "seconds": round(time.time() - t0, 2),
+        "packageable": cfg.mode != "sparse",
+    }
+    sel = Selection(cfg.mode, idx, scores, meta)
+    out = Path(cfg.out)
+    sel.save(out)
+    if cfg.heatmap:
+        try:
+            heatmap(sel, spec, out.with_suffix("").with_suffix(".png") if out.suffix else out.with_suffix(".png"))
+        except Exception as e:  # noqa: BLE001 - the plot is a convenience
+            log.warning("heat-map failed: %s", e)
+    return sel
+
+
+def _numel_selected(shape: tuple[int, ...], mode: str, idx: torch.Tensor) -> int:
+    if mode == "sparse":
+        return int(idx.numel())
+    per = 1
+    for i, s in enumerate(shape):
+        if i != (1 if mode == "column" else 0):
+            per *= s
+    return int(idx.numel()) * per
+
+
+def heatmap(sel: Selection, spec, path: str | Path, bins: int = 64) -> Path:
+    """PNG: one line per module; colour = gradient score (binned max, normalised per module),
+    white dots = selected rows/columns (relative position within the matrix)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(sel.meta.get("eligible_modules") or sel.indices)
+    img = np.zeros((len(names), bins))
+    pts_x, pts_y = [], []
+    for r, n in enumerate(names):
+        if n not in spec.modules:
+            continue
+        shape = spec.modules[n].weight_shape
+        size = max(shape[1] if sel.mode == "column" else shape[0], 1)
+        sc = sel.scores.get(n)
+        if sc is not None and float(sc.max()) > 0:
+            v = (sc.float() / sc.max()).numpy()
+            np.maximum.at(img[r], np.minimum((np.arange(len(v)) * bins) // size, bins - 1), v)
+        idx = sel.indices.get(n)
+        if idx is None:
+            continue
+        pos = (torch.arange(shape[0]).repeat_interleave(idx.shape[1]).numpy() if sel.mode == "sparse"
+               else idx.numpy())
+        for p_ in np.unique(np.minimum((pos * bins) // size, bins - 1)):
+            pts_x.append(p_)
+            pts_y.append(r)
+    h = max(3.0, 0.18 * len(names) + 1.5)
+    fig, ax = plt.subplots(figsize=(9, h))
+    im = ax.imshow(img, aspect="auto", cmap="magma", interpolation="nearest", vmin=0, vmax=1)
+    ax.scatter(pts_x, pts_y, s=10, c="white", edgecolors="cyan", linewidths=0.5, label="selected")
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels([n.removeprefix("net.") for n in names], fontsize=6)
+    ax.set_xlabel(f"relative {'column' if sel.mode == 'column' else 'row'} position ({bins} bins)")
+    ax.set_title(f"GRFT selection ({sel.mode}, k={_k_summary(sel.k)}) on {sel.meta.get('base_model_id')}")
+    ax.legend(loc="upper right", fontsize=7)
+    fig.colorbar(im, ax=ax, label="sum of squared SCL grads / layer max")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,209 @@
+"""select -> fit -> package -> eval on a tiny random-init timm ViT (CPU, seconds)."""
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from grft_serve.backbones import TimmBackbone
+from grft_serve.package import FingerprintMismatchError, load_package
+from grft_train.cli import app
+from grft_train.config import FitConfig, SelectConfig, load_config
+from grft_train.data import load_splits
+from grft_train.evaluate import load_task_model, package_logits, run_eval
+from grft_train.config import EvalConfig
+from grft_train.fit import FitError, run_fit
+from grft_train.select import run_select
+
+BACKBONE = dict(type="timm", name="test_vit", model_kwargs=dict(img_size=32, patch_size=8))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def imgdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for c, col in enumerate([(200, 40, 40), (40, 200, 40), (40, 40, 200)]):
+        d = root / f"class{c}"
+        d.mkdir()
+        for i in range(16):
+            a = (rng.normal(0, 50, (24, 24, 3)) + np.array(col)).clip(0, 255).astype(np.uint8)
+            Image.fromarray(a).save(d / f"{i}.png")
+    return root
+
+
+def _backbone(seed=0):
+    torch.manual_seed(seed)
+    import timm
+
+    m = timm.create_model("test_vit", num_classes=0, img_size=32, patch_size=8)
+    return TimmBackbone("test_vit", model=m).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def trained(imgdir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    common = dict(backbone=BACKBONE, data=dict(format="imagefolder", path=str(imgdir), val_fraction=0.25,
+                                               test_fraction=0.25), progress=False, batch_size=12, device="cpu")
+    bb = _backbone()
+    pristine = copy.deepcopy(bb)
+    splits = load_splits(common["data"])
+    scfg = SelectConfig(**common, out=str(out / "sel.safetensors"), k=2)
+    sel = run_select(scfg, backbone=bb, splits=splits)
+    fcfg = FitConfig(**common, selection=str(out / "sel.safetensors"), out_dir=str(out / "fit"), epochs=4,
+                     lr=1e-2, task_id="colors", l2_lambda=1e-3)
+    res = run_fit(fcfg, backbone=bb, splits=splits)
+    return dict(bb=bb, pristine=pristine, sel=sel, res=res, splits=splits, out=out, common=common)
+
+
+def test_loss_falls_and_outputs_written(trained):
+    res = trained["res"]
+    h = res.metrics["history"]
+    assert h[-1]["train_loss"] < h[0]["train_loss"]
+    assert res.metrics["test_acc"] is not None and res.metrics["val_acc"] >= 0.5
+    out = trained["out"] / "fit"
+    assert (out / "metrics.json").is_file() and (out / "curves.png").is_file()
+    m = json.loads((out / "metrics.json").read_text())
+    assert 0 < m["trainable_pct"] < 100 and "head parameters" in m["trainable_pct_definition"]
+    assert (trained["out"] / "sel.png").is_file()
+
+
+def test_frozen_backbone_bit_identical_and_only_selected_rows_change(trained):
+    bb, pristine, res, sel = trained["bb"], trained["pristine"], trained["res"], trained["sel"]
+    a, b = bb.state_dict(), pristine.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"frozen weight {k} was modified"
+    pkg = load_package(res.package_path, base=pristine.describe())
+    assert set(pkg.deltas) == set(sel.indices)
+    changed_any = False
+    for name, d in pkg.deltas.items():
+        W = pristine.get_submodule(name).weight
+        eff = W.clone()
+        eff[d.indices] = d.values
+        other = torch.ones(W.shape[0], dtype=torch.bool)
+        other[d.indices] = False
+        assert torch.equal(eff[other], W[other])  # every non-selected row bit-identical
+        assert torch.equal(d.indices, sel.indices[name])
+        changed_any |= not torch.equal(eff[d.indices], W[d.indices])
+    assert changed_any
+
+
+def test_package_roundtrip_and_eval_same_logits(trained):
+    res, pristine, splits = trained["res"], trained["pristine"], trained["splits"]
+    raws = [splits.test[i][0] for i in range(len(splits.test))]
+    model = res.model.eval()
+    with torch.no_grad():
+        train_logits = model(pristine.preprocess(raws)).float()
+    bb2 = copy.deepcopy(pristine)
+    pkg_logits = package_logits(res.package_path, bb2, raws)
+    assert torch.allclose(train_logits, pkg_logits, atol=1e-5, rtol=1e-5)
+    # and the same as running a copy of the model with the rows written into its weights
+    merged = copy.deepcopy(pristine)
+    pkg = load_package(res.package_path, base=pristine.describe())
+    with torch.no_grad():
+        for name, d in pkg.deltas.items():
+            mod = merged.get_submodule(name)
+            mod.weight.index_copy_(0, d.indices, d.values)
+            if d.bias is not None:
+                mod.bias.copy_(d.bias)
+        merged_logits = merged(pristine.preprocess(raws)) @ pkg.head_weight.T + pkg.head_bias
+    assert torch.allclose(train_logits, merged_logits, atol=1e-4, rtol=1e-4)
+    meta = pkg.meta
+    assert meta.task_id == "colors" and meta.mode == "row" and meta.k == 2
+    assert meta.labels == splits.labels and meta.base_model_id == pristine.model_id
+    assert meta.metrics["test_acc"] == res.metrics["test_acc"] and "trainable_pct" in meta.metrics
+    assert meta.preprocessing["kind"] == "image"
+    rep = run_eval(EvalConfig(**trained["common"], package=str(res.package_path)),
+                   backbone=copy.deepcopy(pristine), splits=splits)
+    assert rep["accuracy"] == pytest.approx(res.metrics["test_acc"])
+
+
+def test_package_rejected_on_other_base(trained):
+    other = _backbone(seed=1)
+    with pytest.raises(FingerprintMismatchError):
+        load_task_model(trained["res"].package_path, other)
+    with pytest.raises(FitError, match="fingerprint"):
+        run_fit(FitConfig(**trained["common"], selection=str(trained["out"] / "sel.safetensors"),
+                          out_dir=str(trained["out"] / "x"), max_steps=1), backbone=other,
+                splits=trained["splits"])
+
+
+def test_column_mode_and_budget(trained, tmp_path):
+    bb, splits, common = copy.deepcopy(trained["pristine"]), trained["splits"], trained["common"]
+    sel = run_select(SelectConfig(**common, out=str(tmp_path / "c.safetensors"), mode="column", budget=0.01,
+                                  heatmap=False), backbone=bb, splits=splits)
+    assert sel.meta["selected_fraction"] <= 0.01
+    res = run_fit(FitConfig(**common, selection=str(tmp_path / "c.safetensors"), out_dir=str(tmp_path / "f"),
+                            epochs=1, max_steps=2, grad_accum=2, tune_bias=False, head_init="zero"), backbone=bb, splits=splits)
+    pkg = load_package(res.package_path, base=trained["pristine"].describe())
+    assert pkg.meta.mode == "column" and all(d.bias is None for d in pkg.deltas.values())
+    raws = [splits.val[i][0] for i in range(4)]
+    with torch.no_grad():
+        a = res.model.eval()(bb.preprocess(raws))
+    assert torch.allclose(a, package_logits(res.package_path, copy.deepcopy(trained["pristine"]), raws), atol=1e-5)
+    res.model.close()
+
+
+def test_sparse_selection_not_packageable(trained, tmp_path):
+    bb, splits, common = copy.deepcopy(trained["pristine"]), trained["splits"], trained["common"]
+    run_select(SelectConfig(**common, out=str(tmp_path / "s.safetensors"), mode="sparse", k=3, num_batches=1,
+                            heatmap=False), backbone=bb, splits=splits)
+    with pytest.raises(FitError, match="sparse"):
+        run_fit(FitConfig(**common, selection=str(tmp_path / "s.safetensors"), out_dir=str(tmp_path / "f")),
+                backbone=bb, splits=splits)
+
+
+def test_cli_help_lists_commands():
+    r = CliRunner().invoke(app, ["--help"])
+    assert r.exit_code == 0
+    for cmd in ("select", "fit", "eval"):
+        assert cmd in r.output
+    r = CliRunner().invoke(app, ["fit", "--help"])
+    assert r.exit_code == 0 and "l2_last_layers" in r.output and "trainable" in r.output.lower()
+
+
+def test_cli_end_to_end_yaml(imgdir, tmp_path):
+    cfg = {
+        "backbone": BACKBONE, "device": "cpu", "batch_size": 12, "threads": 1,
+        "data": {"format": "imagefolder", "path": str(imgdir), "max_per_class": 8},
+        "select": {"out": str(tmp_path / "sel.safetensors"), "k": 1, "num_batches": 2},
+        "fit": {"selection": str(tmp_path / "sel.safetensors"), "out_dir": str(tmp_path / "fit"),
+                "task_id": "cli", "epochs": 1},
+    }
+    y = tmp_path / "run.yaml"
+    y.write_text(yaml.safe_dump(cfg))
+    run = CliRunner()
+    r = run.invoke(app, ["select", "-c", str(y), "-q"])
+    assert r.exit_code == 0, r.output
+    r = run.invoke(app, ["fit", "-c", str(y), "-q", "--set", "fit.max_steps=2", "--lr", "0.01"])
+    assert r.exit_code == 0, r.output
+    pkg = tmp_path / "fit" / "cli.grft.safetensors"
+    assert pkg.is_file()
+    assert load_package(pkg).meta.training_config["lr"] == 0.01
+    r = run.invoke(app, ["eval", str(pkg), "-c", str(y), "-q", "--split", "val", "--out", str(tmp_path / "e.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "e.json").read_text())["split"] == "val"
+    r = run.invoke(app, ["fit", "-c", str(y), "--set", "fit.nonsense=1"])
+    assert r.exit_code == 2 and "nonsense" in r.output
+    r = run.invoke(app, ["eval", str(tmp_path / "missing.grft.safetensors"), "-c", str(y)])
+    assert r.exit_code == 1 and "not found" in r.output
+
+
+def test_config_file_sections(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"seed": 3, "k": 4, "epochs": 2, "fit": {"epochs": 7}}))
+    assert load_config("select", p).k == 4 and load_config("select", p).seed == 3
+    assert load_config("fit", p).epochs == 7
+    assert load_config("fit", p, {"epochs": 9}).epochs == 9
