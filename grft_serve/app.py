@@ -360,7 +360,8 @@ class BackboneServer:
                 for i, r in zip(ok_idx, res):
                     if "error" not in r:
                         r = {**r, "top_k": r["top_k"][: int(items[i].get("top_k", 5))],
-                             "backbone": self.name, "replica": self.replica}
+                             "backbone": self.name, "replica": self.replica,
+                             "batch_size": len(ok_idx), "batch_tasks": len(set(tids))}
                     out[i] = r
                 path = "patch" if after["patch_batches"] > before["patch_batches"] else "override"
                 M.inc("grft_batches", 1, {**self.tags, "path": path})
@@ -438,6 +439,8 @@ class Prediction(BaseModel):
     top_k: list[TopK]
     backbone: str
     replica: str = Field(description="id of the backbone replica that answered")
+    batch_size: int = Field(description="inputs in the forward that computed this answer (dynamic batching)")
+    batch_tasks: int = Field(description="distinct tasks in that forward (>1: override path)")
 
 
 class PredictResponse(BaseModel):
@@ -566,8 +569,29 @@ def _check_text(s: Any, i: int, limits: Limits) -> str:
     return s
 
 
+def _pyd_error(e: ValidationError) -> ApiError:
+    first = e.errors()[0]
+    loc = ".".join(str(x) for x in first.get("loc", ()))
+    return ApiError(422, "invalid_request", f"{loc}: {first.get('msg')}" if loc else first.get("msg", "invalid"))
+
+
+def _local_metrics_port() -> int | None:
+    import ray
+
+    try:
+        node = ray.get_runtime_context().get_node_id()
+        for n in ray.nodes():
+            if n.get("NodeID") == node:
+                return n.get("MetricsExportPort")
+    except Exception:  # noqa: BLE001
+        return None
+    return None
+
+
 # =============================================================================================
 # ingress deployment
+# (serve.ingress serialises the FastAPI app when the class is decorated: every module-level helper
+#  the endpoints use must be defined ABOVE this point)
 # =============================================================================================
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
@@ -915,25 +939,6 @@ class Ingress:
         return res
 
 
-def _pyd_error(e: ValidationError) -> ApiError:
-    first = e.errors()[0]
-    loc = ".".join(str(x) for x in first.get("loc", ()))
-    return ApiError(422, "invalid_request", f"{loc}: {first.get('msg')}" if loc else first.get("msg", "invalid"))
-
-
-def _local_metrics_port() -> int | None:
-    import ray
-
-    try:
-        node = ray.get_runtime_context().get_node_id()
-        for n in ray.nodes():
-            if n.get("NodeID") == node:
-                return n.get("MetricsExportPort")
-    except Exception:  # noqa: BLE001
-        return None
-    return None
-
-
 # =============================================================================================
 # application builder
 # =============================================================================================
@@ -943,6 +948,8 @@ def build_app(args: dict) -> serve.Application:
     names = [b.name for b in cfg.backbones]
     if len(set(names)) != len(names):
         raise ValueError(f"backbone names must be unique, got {names}")
+    if not cfg.store.cls:  # replicas may run in another working directory: pin the path now
+        cfg.store.path = str(Path(os.path.expandvars(cfg.store.path)).expanduser().resolve())
     store = cfg.store.model_dump()
     make_store(cfg.store)  # fail fast on a bad store path / class
     limits = cfg.limits.model_dump()
@@ -957,3 +964,15 @@ def build_app(args: dict) -> serve.Application:
         num_replicas=cfg.ingress_replicas, max_ongoing_requests=cfg.ingress_max_ongoing_requests,
         ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
     ).bind(cfg.model_dump(mode="json"), handles)
+
+
+def app_from_config(path: str | os.PathLike, name: str | None = None) -> serve.Application:
+    """Build the app from a Serve config file (its first application, or the one called ``name``)."""
+    import yaml
+
+    cfg = yaml.safe_load(Path(path).read_text()) or {}
+    apps = cfg.get("applications") or [{"name": "grft", "args": cfg}]
+    a = next((a for a in apps if name is None or a.get("name") == name), None)
+    if a is None:
+        raise ValueError(f"no application {name!r} in {path}")
+    return build_app(a.get("args") or {})
