@@ -8,6 +8,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Tiny test models run fastest on one thread, and a 2-core CI machine shared with Ray workers
+# suffers badly from OpenMP spin-waiting when every process uses all cores.
+torch.set_num_threads(1)
+
 
 def tiny_vit(seed: int = 0, depth: int = 2):
     from grft_serve.backbones import TimmBackbone
