@@ -49,7 +49,7 @@ from ray import serve
 
 from . import metrics as M
 from .backbones import BackboneConfig
-from .package import PackageError, PackageTooLargeError, load_package, peek_meta
+from .package import PackageError, PackageTooLargeError, peek_meta
 from .store import DirectoryTaskStore, TaskExistsError, TaskNotFoundError, TaskStore
 
 log = logging.getLogger("grft_serve.app")
@@ -305,7 +305,7 @@ class BackboneServer:
         """Fully validate a package against this base (nothing is registered)."""
         def run():
             try:
-                pkg = load_package(data, base=self.engine.spec, max_bytes=self.limits.max_package_bytes)
+                pkg = self.engine.validate(data)
             except PackageError as e:
                 return {"ok": False, "status": e.status, "code": e.code, "message": e.message}
             return {"ok": True, "num_params": pkg.num_params(), "meta": json.loads(pkg.meta.model_dump_json())}

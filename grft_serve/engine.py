@@ -199,10 +199,7 @@ class Engine:
         """
         data = package_bytes(source) if isinstance(source, TaskPackage) else \
             read_package_bytes(source, self.max_package_bytes)
-        pkg = load_package(data, base=self.spec, max_bytes=self.max_package_bytes)
-        why = self.backbone.check_preprocessing(pkg.meta.preprocessing)
-        if why is not None:
-            raise PreprocessingMismatchError(why)
+        pkg = self.validate(data)
         version = version or content_version(data)
         with self._lock:  # column deltas read base weights: never while a patch is applied
             if pkg.task_id in self._tasks and not replace:
@@ -213,6 +210,15 @@ class Engine:
             self._tasks[pkg.task_id] = info
             self._host[pkg.task_id] = host
         return info
+
+    def validate(self, data: bytes) -> TaskPackage:
+        """Everything :meth:`register` checks, without registering: the package against this base
+        (see :func:`~grft_serve.package.load_package`) and its preprocessing against the backbone."""
+        pkg = load_package(data, base=self.spec, max_bytes=self.max_package_bytes)
+        why = self.backbone.check_preprocessing(pkg.meta.preprocessing)
+        if why is not None:
+            raise PreprocessingMismatchError(why)
+        return pkg
 
     def unregister(self, task_id: str) -> None:
         with self._lock:

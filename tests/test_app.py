@@ -308,6 +308,9 @@ def _validator_cases(app):
     def meta_type(t, m):
         m["mode"] = "diagonal"
 
+    def text_task(t, m):  # right weights, wrong kind of input: an image backbone cannot serve it
+        m["preprocessing"] = {"kind": "text", "pooling": "mean"}
+
     return [
         ("not_safetensors", b"hello world, this is not a package at all", 400, "not_safetensors"),
         ("pickle", b"\x80\x04\x95" + b"\x00" * 64, 400, "pickle_content"),
@@ -322,6 +325,7 @@ def _validator_cases(app):
         ("indices", _tensors_bytes(pkg, indices), 422, "invalid_indices"),
         ("non_finite", _tensors_bytes(pkg, nan), 422, "non_finite"),
         ("dtype", _tensors_bytes(pkg, dtype), 422, "bad_dtype"),
+        ("preprocessing", _tensors_bytes(pkg, text_task), 422, "preprocessing_mismatch"),
     ]
 
 
