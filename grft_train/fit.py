@@ -46,7 +46,7 @@ class FitError(ValueError):
 @dataclass
 class FitResult:
     model: TaskModel
-    package_path: Path
+    package_path: Path | None  # None: the model cannot be packaged (a custom ``build_model``)
     metrics: dict[str, Any]
     labels: list[str]
 
@@ -188,8 +188,13 @@ def _lr_lambda(warmup: int, total: int):
 
 
 def run_fit(cfg: FitConfig, backbone: Backbone | None = None, splits: DataSplits | None = None,
-            selection: Selection | None = None) -> FitResult:
-    """Train a task and write its package (+ metrics.json, curves.png) to ``cfg.out_dir``."""
+            selection: Selection | None = None, build_model=None) -> FitResult:
+    """Train a task and write its package (+ metrics.json, curves.png) to ``cfg.out_dir``.
+
+    An empty selection trains the head only (a linear probe). ``build_model(backbone, selection,
+    n_classes, cfg) -> TaskModel`` replaces :func:`build_task_model` (e.g. the GPS sparse baseline in
+    ``bench/accuracy.py``): the same loop trains it, the selection is not checked and no package is
+    written (``package_path`` None)."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
@@ -202,11 +207,12 @@ def run_fit(cfg: FitConfig, backbone: Backbone | None = None, splits: DataSplits
     if splits is None:
         splits = load_data(cfg, backbone)
     spec = backbone.describe()
-    check_selection(sel, backbone, spec)
+    if build_model is None:
+        check_selection(sel, backbone, spec)
     if sel.meta.get("labels") and sel.meta["labels"] != splits.labels:
         log.warning("selection was computed with labels %s; training with %s", sel.meta["labels"], splits.labels)
 
-    model = build_task_model(backbone, sel, len(splits.labels), cfg)
+    model = (build_model or build_task_model)(backbone, sel, len(splits.labels), cfg)
     reg = set(regularised_modules(model.names, list(spec.modules), cfg.l2_last_layers, cfg.l2_embed))
     pre_vals = {n: model.value(n).detach().clone() for n in reg}
     pre_bias = {n: model.bias(n).detach().clone() for n in reg if model.bias(n) is not None}
@@ -324,10 +330,12 @@ def run_fit(cfg: FitConfig, backbone: Backbone | None = None, splits: DataSplits
     }
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pkg_path = Path(cfg.package) if cfg.package else out_dir / f"{cfg.task_id}.grft.safetensors"
-    pkg = make_package(model, sel, spec, backbone, splits.labels, cfg, metrics)
-    save_package(pkg, pkg_path)
-    metrics["package"] = str(pkg_path)
+    pkg_path = None
+    if build_model is None:
+        pkg_path = Path(cfg.package) if cfg.package else out_dir / f"{cfg.task_id}.grft.safetensors"
+        pkg = make_package(model, sel, spec, backbone, splits.labels, cfg, metrics)
+        save_package(pkg, pkg_path)
+    metrics["package"] = str(pkg_path) if pkg_path else None
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     try:
         plot_curves(history, out_dir / "curves.png", cfg.task_id)
@@ -356,7 +364,7 @@ def make_package(model: TaskModel, sel: Selection, spec, backbone: Backbone, lab
                                 values=model.value(n).detach().float().cpu(),
                                 bias=b.detach().float().cpu() if b is not None else None)
     ks = {n: int(d.indices.numel()) for n, d in deltas.items()}
-    k_meta: int | dict[str, int] = ks[next(iter(ks))] if len(set(ks.values())) == 1 else ks
+    k_meta: int | dict[str, int] = (ks[next(iter(ks))] if len(set(ks.values())) == 1 else ks) if ks else 0
     pkg_metrics = {k: v for k, v in metrics.items() if k not in ("history", "regularised_modules")}
     meta = PackageMeta(task_id=cfg.task_id, base_model_id=spec.model_id, base_fingerprint=spec.fingerprint,
                        mode=sel.mode, k=k_meta, labels=list(labels),

@@ -81,7 +81,7 @@ def test_sparse_k_fits_budget():
 
 @pytest.mark.parametrize("make", [tiny_mlp, tiny_cnn], ids=["mlp", "cnn"])
 def test_sparse_model_equals_merged_weights_and_restores_backbone(make):
-    bb = make().eval()
+    bb = make().eval().requires_grad_(False)  # frozen, as build_backbone leaves it
     pristine = copy.deepcopy(bb)
     x = torch.randn(2, 12) if make is tiny_mlp else torch.randn(2, *bb.data_config["input_size"])
     g = torch.Generator().manual_seed(0)
