@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import os
 import platform
@@ -52,6 +51,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+if __package__ in (None, ""):  # run as `python bench/<name>.py`: make the repo root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.records import Records  # noqa: E402
 from grft_serve.backbones import Backbone  # noqa: E402
 from grft_serve.rowop import _conv  # noqa: E402
 from grft_train.common import build_backbone, count_params, load_data, resolve_device  # noqa: E402
@@ -411,17 +413,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         overrides["fit"]["epochs"] = args.epochs
     if args.max_per_class:
         overrides["common"]["data"] = {"max_per_class": args.max_per_class}
-    records: list[dict] = []
-    fh = open(args.out, "w") if args.out else None
-
-    def emit(rec: dict) -> None:
-        records.append(rec)
-        line = json.dumps(rec)
-        if fh is not None:
-            fh.write(line + "\n")
-            fh.flush()
-        else:
-            print(line, flush=True)
+    out = Records(args.out)
+    records, emit = out.items, out.emit
 
     t0 = time.time()
     tmp = None
@@ -442,12 +435,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             run_setting(st, args.methods, device=device, seed=args.seed, param_budget=args.param_budget,
                         workdir=workdir, progress=args.progress, threads=threads, overrides=overrides, emit=emit)
     finally:
-        if fh is not None:
-            fh.close()
+        out.close()
         if tmp is not None:
             tmp.cleanup()
         torch.set_num_threads(threads_before)  # main() may run inside another process (tests)
-    render_table(records, Console(stderr=fh is None, width=150), wall_s=time.time() - t0)
+    render_table(records, Console(stderr=not out.to_file, width=150), wall_s=time.time() - t0)
     return records
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import platform
@@ -45,6 +44,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+if __package__ in (None, ""):  # run as `python bench/<name>.py`: make the repo root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.records import Records  # noqa: E402
 from grft_serve.backbones import Backbone, HFTextBackbone, TimmBackbone  # noqa: E402
 from grft_serve.engine import Engine  # noqa: E402
 from grft_serve.package import TaskPackage  # noqa: E402
@@ -415,17 +417,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    records: list[dict] = []
-    fh = open(args.out, "w") if args.out else None
-
-    def emit(rec: dict) -> None:
-        records.append(rec)
-        line = json.dumps(rec)
-        if fh is not None:
-            fh.write(line + "\n")
-            fh.flush()
-        else:
-            print(line, flush=True)
+    out = Records(args.out)
+    records, emit = out.items, out.emit
 
     try:
         for which in (["vit", "llama"] if args.model == "all" else [args.model]):
@@ -434,10 +427,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             bench_model(b, args, device, dtype, emit)
             del b
     finally:
-        if fh is not None:
-            fh.close()
+        out.close()
         torch.set_num_threads(threads_before)  # main() may run inside another process (tests)
-    render_table(records, Console(stderr=fh is None))
+    render_table(records, Console(stderr=not out.to_file))
     return records
 
 

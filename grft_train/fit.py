@@ -32,7 +32,7 @@ from .common import (apply_threads, autocast_ctx, build_backbone, count_params, 
 from .config import FitConfig
 from .data import DataSplits, SampleSet
 from .model import TaskModel
-from .select import Selection, SelectionError
+from .select import Selection
 
 log = logging.getLogger("grft_train.fit")
 TRAINABLE_DEF = ("(selected row/column values + tuned biases + head parameters) / total backbone "

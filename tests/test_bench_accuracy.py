@@ -26,14 +26,6 @@ from bench.accuracy import (METHODS, build_sparse_model, main, run_setting, smok
                             sparse_k, verdict)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     root = tmp_path_factory.mktemp("acc")

@@ -22,14 +22,6 @@ from grft_train.select import run_select
 BACKBONE = dict(type="timm", name="test_vit", model_kwargs=dict(img_size=32, patch_size=8))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def imgdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("imgs")

@@ -10,14 +10,6 @@ from grft_train.select import (Selection, heatmap, SelectionError, _subsets, bud
                                select_from_grads, slice_scores, sparse_indices, topk_indices)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_row_and_column_scores_pick_biggest():
     g = torch.zeros(6, 5)
     g[4] = 3.0
