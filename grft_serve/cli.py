@@ -211,6 +211,50 @@ def predict(task: str, inputs: List[str] = typer.Argument(..., help="image files
         typer.echo(f"{x}: {p['label']} ({p['score']:.3f})" + (f"  [{alts}]" if alts else "") + f"  v{p['version']}")
 
 
+@app.command()
+def export(package: Path = typer.Argument(..., help="a .grft.safetensors task package"),
+           backbone: str = typer.Option(..., help="the base: 'zoo:NAME', 'timm:NAME', 'hf:DIR', or a YAML/JSON "
+                                                 "file with the backbone config (a grft-train run file works)"),
+           out: Path = typer.Option(..., help="ONNX file to write"),
+           seed: Optional[int] = typer.Option(None, help="torch seed before building (random-init bases)"),
+           opset: int = typer.Option(18, help="ONNX opset")):
+    """Merge one task into its base and export it to ONNX (checked with onnxruntime), for running that
+    task without the engine."""
+    import torch
+
+    from .backbones import BackboneError, load_backbone
+    from .export import export_onnx
+    from .package import PackageError
+
+    cfg = _backbone_spec(backbone)
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        bb = load_backbone(cfg)
+        res = export_onnx(bb, package, out, opset=opset)
+    except (BackboneError, PackageError, FileNotFoundError, ValueError, RuntimeError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps(res))
+
+
+def _backbone_spec(text: str) -> dict:
+    import yaml
+
+    kind, _, rest = text.partition(":")
+    if kind in ("zoo", "timm") and rest:
+        return {"type": kind, "name": rest}
+    if kind == "hf" and rest:
+        return {"type": "hf", "path": rest}
+    p = Path(text)
+    if not p.is_file():
+        _fail(f"--backbone: expected zoo:NAME, timm:NAME, hf:DIR or a config file; got {text!r}")
+    try:
+        cfg = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        _fail(f"cannot parse {p}: {e}")
+    return cfg.get("backbone", cfg) if isinstance(cfg, dict) else _fail(f"{p}: not a mapping")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

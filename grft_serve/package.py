@@ -289,6 +289,12 @@ def load_package(source: str | os.PathLike | bytes, base: BaseSpec | None = None
         first = e.errors()[0]
         raise MetadataError(f"bad package metadata field {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
+    # a package for another base is refused as such, before any shape check could fail on it
+    if base is not None and check_fingerprint and meta.base_fingerprint != base.fingerprint:
+        raise FingerprintMismatchError(
+            f"package was trained on base {meta.base_model_id} with fingerprint {meta.base_fingerprint}; "
+            f"this base is {base.model_id} with fingerprint {base.fingerprint}")
+
     from safetensors import SafetensorError
     from safetensors.torch import load as st_load
 
@@ -360,10 +366,6 @@ def load_package(source: str | os.PathLike | bytes, base: BaseSpec | None = None
             _check_finite(f"{mod}.bias", bias)
         deltas[mod] = ModuleDelta(mode=meta.mode, indices=idx, values=vals, bias=bias)
 
-    if base is not None and check_fingerprint and meta.base_fingerprint != base.fingerprint:
-        raise FingerprintMismatchError(
-            f"package was trained on base {meta.base_model_id} with fingerprint {meta.base_fingerprint}; "
-            f"this base is {base.model_id} with fingerprint {base.fingerprint}")
     return TaskPackage(meta=meta, deltas=deltas, head_weight=hw, head_bias=hb)
 
 

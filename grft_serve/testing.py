@@ -6,8 +6,6 @@ model with the weights edited in place) to check the engine's two paths against.
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
@@ -51,17 +49,7 @@ def random_package(backbone: Backbone, task_id: str, *, mode: str = ROW, k: int 
 
 @torch.no_grad()
 def reference_forward(backbone: nn.Module, pkg: TaskPackage, batch) -> torch.Tensor:
-    """Logits of ``pkg`` computed on a deep copy of ``backbone`` with the weights edited directly."""
-    m = copy.deepcopy(backbone).eval()
-    mods = dict(m.named_modules())
-    for name, d in pkg.deltas.items():
-        mod = mods[name]
-        w = mod.weight
-        if d.mode == ROW:
-            w.data[d.indices] = d.values.to(w.dtype).to(w.device)
-        else:
-            w.data[:, d.indices] = d.values.to(w.dtype).to(w.device)
-        if d.bias is not None:
-            mod.bias.data.copy_(d.bias)
-    feats = m(batch)
-    return torch.nn.functional.linear(feats.float(), pkg.head_weight.float(), pkg.head_bias.float())
+    """Logits of ``pkg`` computed on a copy of ``backbone`` with the weights edited directly."""
+    from .export import MergedTask
+
+    return MergedTask(backbone, pkg)(batch)
