@@ -33,15 +33,23 @@ def _fail(msg: str, code: int = 1):
 # ---------------------------------------------------------------------------------------------
 # up
 # ---------------------------------------------------------------------------------------------
-def _load_serve_config(path: Path) -> dict:
+def _read_yaml(path: Path, what: str = "config file") -> dict:
+    """A YAML (or JSON) mapping from ``path``; a clear CLI error otherwise."""
     import yaml
 
     if not path.is_file():
-        _fail(f"config file not found: {path}")
+        _fail(f"{what} not found: {path}")
     try:
         cfg = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         _fail(f"cannot parse {path}: {e}")
+    if not isinstance(cfg, dict):
+        _fail(f"{path}: the top level must be a mapping")
+    return cfg
+
+
+def _load_serve_config(path: Path) -> dict:
+    cfg = _read_yaml(path)
     if "applications" not in cfg:  # a bare AppConfig (args of build_app)
         cfg = {"applications": [{"name": "grft", "route_prefix": "/", "import_path": "grft_serve.app:build_app",
                                  "args": cfg}]}
@@ -238,21 +246,13 @@ def export(package: Path = typer.Argument(..., help="a .grft.safetensors task pa
 
 
 def _backbone_spec(text: str) -> dict:
-    import yaml
-
     kind, _, rest = text.partition(":")
     if kind in ("zoo", "timm") and rest:
         return {"type": kind, "name": rest}
     if kind == "hf" and rest:
         return {"type": "hf", "path": rest}
-    p = Path(text)
-    if not p.is_file():
-        _fail(f"--backbone: expected zoo:NAME, timm:NAME, hf:DIR or a config file; got {text!r}")
-    try:
-        cfg = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        _fail(f"cannot parse {p}: {e}")
-    return cfg.get("backbone", cfg) if isinstance(cfg, dict) else _fail(f"{p}: not a mapping")
+    cfg = _read_yaml(Path(text), "--backbone (zoo:NAME, timm:NAME, hf:DIR or a config file)")
+    return cfg.get("backbone", cfg)
 
 
 def main() -> None:  # pragma: no cover
