@@ -226,8 +226,7 @@ def export(package: Path = typer.Argument(..., help="a .grft.safetensors task pa
            out: Path = typer.Option(..., help="ONNX file to write"),
            seed: Optional[int] = typer.Option(None, help="torch seed before building (random-init bases)"),
            opset: int = typer.Option(18, help="ONNX opset")):
-    """Merge one task into its base and export it to ONNX (checked with onnxruntime), for running that
-    task without the engine."""
+    """Merge one task into its base and export it to ONNX, checked with onnxruntime."""
     import torch
 
     from .backbones import BackboneError, load_backbone
