@@ -265,7 +265,7 @@ class BackboneServer:
     def sync(self) -> dict:
         with self._sync_lock:
             want = self.view.versions()
-            res = self.engine.sync(_Fixed(want, self.store))
+            res = self.engine.sync(self.store, want)
             for tid in res["failed"]:
                 self.view.bad.add((tid, want[tid]))
                 log.warning("backbone %s: stored task %r (version %s) failed validation; skipped",
@@ -374,19 +374,6 @@ class BackboneServer:
                 M.set_gauge("grft_device_cache_bytes", self.engine.stats()["device_cache_bytes"], self.tags)
         M.observe("grft_batch_latency_ms", (time.perf_counter() - t0) * 1e3, self.tags)
         return out  # type: ignore[return-value]
-
-
-class _Fixed:
-    """A store whose ``versions()`` is a fixed snapshot (so engine.sync sees the filtered view)."""
-
-    def __init__(self, versions: dict[str, str], store: TaskStore):
-        self._v, self._s = versions, store
-
-    def versions(self) -> dict[str, str]:
-        return dict(self._v)
-
-    def get(self, task_id: str) -> bytes:
-        return self._s.get(task_id)
 
 
 def _err(status: int, code: str, message: str) -> dict:

@@ -237,9 +237,12 @@ class Engine:
         except KeyError:
             raise UnknownTaskError(f"unknown task {task_id!r}") from None
 
-    def sync(self, store: TaskStore) -> dict[str, list[str]]:
-        """Make the registered tasks equal the store's (new/changed loaded, missing dropped)."""
-        want = store.versions()
+    def sync(self, store: TaskStore, versions: dict[str, str] | None = None) -> dict[str, list[str]]:
+        """Make the registered tasks equal the store's (new/changed loaded, missing dropped).
+
+        ``versions`` (default ``store.versions()``) is the wanted ``{task_id: version}``, e.g. the
+        store's listing filtered to the tasks of this base."""
+        want = store.versions() if versions is None else versions
         added, removed, failed = [], [], []
         for tid, v in want.items():
             cur = self._tasks.get(tid)
