@@ -70,6 +70,9 @@ SPECS = {
     "grft_device_cache_bytes": ("gauge", "Task bytes resident on the device", ("backbone",)),
     "grft_syncs": ("counter", "Store syncs run by a backbone replica", ("backbone",)),
     "grft_registrations": ("counter", "Task registrations / deletions through the API", ("op", "status")),
+    "grft_predict_errors": ("counter", "Inputs of requests a backbone replica could not serve", ("backbone",)),
+    "grft_request_in_replica_ms": ("histogram", "Time a request spends in a backbone replica (decode, "
+                                   "queue, forward) in ms", ("backbone",), LATENCY_BOUNDARIES_MS),
 }
 
 
@@ -103,3 +106,20 @@ def snapshot() -> dict[str, float]:
     """What this process recorded so far (``name{tags}`` → value; histograms as ``:count``/``:sum``)."""
     with _lock:
         return dict(_mirror)
+
+
+def local_node_metrics(timeout_s: float = 5.0) -> str | None:
+    """The Prometheus text of this Ray node's metrics port (None where it has none or cannot be read)."""
+    import urllib.request
+
+    import ray
+
+    try:
+        node = ray.get_runtime_context().get_node_id()
+        port = next((n.get("MetricsExportPort") for n in ray.nodes() if n.get("NodeID") == node), None)
+        if not port:
+            return None
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout_s) as r:
+            return r.read().decode()
+    except Exception:  # noqa: BLE001 - no Ray, no port, exporter down: the caller answers 503
+        return None

@@ -1,0 +1,87 @@
+"""The FastAPI application object of the ingress: description, error handlers, request metrics.
+
+Every error leaves as the project's ``{"error": {"code", "message"}}`` shape — also FastAPI's own
+(unknown route 404, wrong method 405, body validation 422). Unexpected exceptions are logged with
+their trace and answered 500 with a generic message: library messages never reach the caller.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from .. import metrics as M
+from .schemas import ApiError
+
+__all__ = ["api", "pyd_error"]
+
+log = logging.getLogger("grft_serve.app")
+
+DESCRIPTION = """
+Serve many GRFT fine-tuned tasks from one frozen backbone per base model.
+
+* **Tasks** are uploaded as `.grft.safetensors` packages; each is routed to the backbone whose base
+  fingerprint it carries, validated there, and stored (the store is the source of truth: every
+  replica answers for a task once it is registered; registrations survive restarts).
+* **Predict**: all inputs of a request travel to their backbone in one call; replicas batch inputs
+  across concurrent requests and tasks (one forward per batch).
+* **Auth**: `Authorization: Bearer <token>`. Register/delete need the admin token (env var named by
+  `admin_token_env`); reads, `/metrics` and the API docs need the read token when `read_token_env`
+  names a set variable. Auth and body size are decided from the headers, before a body is read.
+* **Errors** are JSON `{"error": {"code", "message"}}` with a 4xx status; a rejected request changes nothing.
+"""
+
+api = FastAPI(title="grft-serve", version=__version__, description=DESCRIPTION, docs_url=None,
+              redoc_url=None, openapi_url=None, redirect_slashes=False)
+
+
+def pyd_error(e: ValidationError) -> ApiError:
+    first = e.errors()[0] if e.errors() else {}
+    loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+    msg = first.get("msg", "invalid request")
+    return ApiError(422, "invalid_request", f"{loc}: {msg}" if loc else msg)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_: Request, exc: ApiError):
+    return exc.response()
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError):
+    errs = exc.errors()
+    first = errs[0] if errs else {}
+    loc = ".".join(str(x) for x in first.get("loc", ()))
+    return ApiError(422, "invalid_request", f"{loc}: {first.get('msg', 'invalid request')}").response()
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException):
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    return ApiError(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)).response()
+
+
+@api.exception_handler(Exception)
+async def _internal_error(_: Request, exc: Exception):
+    log.error("unhandled error", exc_info=exc)
+    return ApiError(500, "internal", "internal server error (see the server log)").response()
+
+
+@api.middleware("http")
+async def _count_requests(request: Request, call_next):
+    t0 = time.perf_counter()
+    status = 500
+    try:
+        resp = await call_next(request)
+        status = resp.status_code
+        return resp
+    finally:
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", None) or "unmatched"
+        M.inc("grft_requests", 1, {"endpoint": endpoint, "method": request.method, "status": str(status)})
+        M.observe("grft_request_latency_ms", (time.perf_counter() - t0) * 1e3, {"endpoint": endpoint})

@@ -1,0 +1,100 @@
+"""Configuration of the serving app: pydantic models for ``build_app``'s ``args`` (one Serve application).
+
+``AppConfig`` is what a Serve config file's ``applications[].args`` holds; every field is checked
+before a replica starts (``extra="forbid"``: a misspelt key is an error, not a silent default).
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..backbones import BackboneConfig
+from ..package import DEFAULT_MAX_BYTES
+from ..store import DirectoryTaskStore, TaskStore
+
+__all__ = ["StoreConfig", "BackboneDeploymentConfig", "Limits", "AppConfig", "make_store"]
+
+
+class StoreConfig(BaseModel):
+    """Where task packages live. ``path``: a directory (shared between nodes on a cluster).
+
+    ``cls`` (``"package.module:Class"``) plugs in another :class:`~grft_serve.store.TaskStore`
+    implementation (e.g. an object-store backend), built as ``Class(**kwargs)``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = "./tasks"
+    cls: str | None = None
+    kwargs: dict = {}
+
+
+class BackboneDeploymentConfig(BaseModel):
+    """One backbone deployment (one frozen base; tasks carrying its fingerprint are routed here)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
+    backbone: BackboneConfig
+    seed: int | None = Field(None, description="torch.manual_seed before building (random-init models)")
+    device: str = Field("auto", description="'cpu', 'cuda', 'cuda:1', or 'auto' (cuda when available)")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
+    replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    torch_threads: int | None = Field(1, ge=1, description="torch.set_num_threads in each replica")
+    max_batch_size: int = Field(16, ge=1, description="inputs (not requests) per forward")
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    max_ongoing_requests: int | None = Field(None, ge=1, description="default: max(4 * max_batch_size, 32)")
+    decode_workers: int = Field(2, ge=1, description="threads decoding and preprocessing inputs in each "
+                                                     "replica, beside the forward")
+    device_cache_bytes: int = Field(1 << 30, ge=0)
+
+
+class Limits(BaseModel):
+    """Per-request limits. Everything over a limit is refused with 413 before it is decoded."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_inputs_per_request: int = Field(64, ge=1)
+    max_text_chars: int = Field(4096, ge=1)
+    max_image_bytes: int = Field(8 << 20, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_image_aspect_ratio: float = Field(20.0, ge=1, description="longest / shortest side of an image")
+    max_request_bytes: int = Field(64 << 20, ge=1, description="JSON / multipart body of a predict call")
+    max_package_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1)
+    max_top_k: int = Field(20, ge=1)
+    body_idle_timeout_s: float = Field(10.0, gt=0, description="a request body that sends nothing for "
+                                                               "this long is answered 408")
+
+
+class AppConfig(BaseModel):
+    """``args`` of :func:`build_app`. Tokens are never in the config: only the names of the env vars
+    holding them (read in the ingress replica's process; set them on every node, or via the Serve
+    config's ``runtime_env.env_vars``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store: StoreConfig = StoreConfig()
+    backbones: list[BackboneDeploymentConfig] = Field(min_length=1)
+    admin_token_env: str = Field("GRFT_ADMIN_TOKEN", description="env var with the token for register/delete")
+    read_token_env: str | None = Field(None, description="env var with a token required for reads/predict "
+                                                         "(unset or empty variable: reads are open)")
+    limits: Limits = Limits()
+    sync_interval_s: float = Field(2.0, gt=0, description="how often replicas drop tasks deleted from the store")
+    task_cache_ttl_s: float = Field(0.5, ge=0, description="how long the ingress trusts its store listing")
+    ingress_replicas: int = Field(1, ge=1)
+    ingress_num_cpus: float = Field(0.1, ge=0)
+    ingress_max_ongoing_requests: int = Field(256, ge=1)
+
+
+def make_store(cfg: StoreConfig | dict) -> TaskStore:
+    if isinstance(cfg, dict):
+        cfg = StoreConfig(**cfg)
+    if cfg.cls:
+        mod, _, attr = cfg.cls.partition(":")
+        return getattr(importlib.import_module(mod), attr)(**cfg.kwargs)
+    return DirectoryTaskStore(Path(cfg.path).expanduser())

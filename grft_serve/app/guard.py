@@ -1,0 +1,106 @@
+"""Who may call, and how much they may send — decided from the headers, before a body is read.
+
+* **Auth**: ``Authorization: Bearer <token>``. Task administration needs the admin token; reads and
+  predictions need the read token when one is configured (the admin token also reads). Tokens live
+  in environment variables named by the config, compared in constant time.
+* **Bodies**: a declared ``Content-Length`` over the route's cap is refused with 413 at once; a
+  chunked body is counted while it streams and cut at the cap; a body that does not arrive in
+  ``body_idle_timeout_s`` (slow drip, or a length that is never sent) is answered 408. Nothing is
+  parsed until the whole body is in, and JSON is parsed off the event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+import time
+from typing import Any
+
+from fastapi import Request
+
+from .config import AppConfig
+from .schemas import ApiError
+
+__all__ = ["Guard"]
+
+
+class Guard:
+    def __init__(self, cfg: AppConfig):
+        self.cfg = cfg
+        self.limits = cfg.limits
+
+    # -- auth -------------------------------------------------------------------------------------
+    @staticmethod
+    def _bearer(request: Request) -> str | None:
+        got = request.headers.get("authorization", "")
+        scheme, _, tok = got.partition(" ")
+        return tok.strip() if scheme.lower() == "bearer" and tok.strip() else None
+
+    def _check(self, request: Request, env: str, what: str, also: str | None = None) -> None:
+        want = os.environ.get(env, "")
+        if not want:
+            raise ApiError(403, "admin_disabled", f"{what} is disabled: no token configured (set ${env} "
+                                                  "in the serving processes' environment)")
+        if not request.headers.get("authorization"):
+            raise ApiError(401, "unauthorized", f"{what} needs 'Authorization: Bearer <token>'")
+        tok = self._bearer(request)
+        if tok is None:
+            raise ApiError(401, "unauthorized", f"{what} needs 'Authorization: Bearer <token>' (Bearer scheme)")
+        ok = hmac.compare_digest(tok.encode(), want.encode())
+        if not ok and also:
+            ok = hmac.compare_digest(tok.encode(), also.encode())
+        if not ok:
+            raise ApiError(403, "forbidden", f"invalid token for {what}")
+
+    def admin(self, request: Request) -> None:
+        self._check(request, self.cfg.admin_token_env, "task administration")
+
+    def reads_open(self) -> bool:
+        env = self.cfg.read_token_env
+        return not env or not os.environ.get(env)
+
+    def reader(self, request: Request) -> None:
+        if self.reads_open():
+            return
+        self._check(request, self.cfg.read_token_env, "reading",  # type: ignore[arg-type]
+                    also=os.environ.get(self.cfg.admin_token_env, "") or None)
+
+    # -- bodies -----------------------------------------------------------------------------------
+    async def body(self, request: Request, cap: int, what: str = "request body") -> bytes:
+        """The whole body, at most ``cap`` bytes, within the idle timeout (413 / 408 / 400 otherwise)."""
+        clen = request.headers.get("content-length")
+        if clen is not None:
+            if not clen.strip().isdigit():
+                raise ApiError(400, "bad_request", "Content-Length is not a number")
+            if int(clen) > cap:
+                raise ApiError(413, "too_large", f"{what} is {int(clen)} bytes; the limit is {cap}")
+        chunks, n = [], 0
+        stream = request.stream().__aiter__()
+        deadline = time.monotonic() + 6 * self.limits.body_idle_timeout_s
+        while True:
+            wait = min(self.limits.body_idle_timeout_s, deadline - time.monotonic())
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), timeout=max(wait, 0.001))
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise ApiError(408, "body_timeout", f"the {what} did not arrive in time") from None
+            n += len(chunk)
+            if n > cap:
+                raise ApiError(413, "too_large", f"{what} is larger than the limit of {cap} bytes")
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        request._body = data  # starlette re-reads it for form parsing  # noqa: SLF001
+        return data
+
+    async def json(self, request: Request, cap: int) -> Any:
+        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if ctype not in ("application/json", "") and not ctype.endswith("+json"):
+            raise ApiError(415, "unsupported_media_type",
+                           f"Content-Type {ctype!r} is not accepted here; send application/json")
+        data = await self.body(request, cap)
+        try:
+            return await asyncio.to_thread(json.loads, data) if len(data) > 65536 else json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            raise ApiError(400, "bad_json", "request body is not valid JSON") from None
