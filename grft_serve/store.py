@@ -2,19 +2,32 @@
 
 The engine and the serving app only use the small :class:`TaskStore` interface, so an object-store
 backend can slot in beside :class:`DirectoryTaskStore` (a local or shared directory — on a multi-node
-Ray cluster point every node at the same shared path).
+Ray cluster point every node at the same shared path). :class:`BaseTaskStore` derives ``info`` and
+``list`` (per-task version, metadata, or why the stored package is broken) from the four core methods.
+
+:class:`DirectoryTaskStore` keeps one ``<task_id>.grft.safetensors`` per task. Every write goes to a
+temp file that is then published in one step: ``put(replace=True)`` renames over the old file,
+``put(replace=False)`` hard-links the temp file to the task's name, which fails if the name is taken,
+so of concurrent registrations of one new id exactly one succeeds (no check-then-write window).
+Readers see a whole old or a whole new package, never a part. Temp files left by a killed writer are
+removed once older than ``stale_tmp_s``.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-import re
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from .package import SUFFIX, atomic_write
+from .atomic import TMP_SUFFIX, atomic_write
+from .package import SUFFIX, PackageError, read_header, valid_task_id
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+__all__ = ["BaseTaskStore", "DirectoryTaskStore", "StoredTask", "TaskExistsError", "TaskNotFoundError",
+           "TaskStore", "content_version"]
 
 
 class TaskExistsError(KeyError):
@@ -30,31 +43,107 @@ def content_version(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class StoredTask:
+    """What the store holds for one task: its version and header facts, or why it is ``broken``
+    (``meta`` is then empty). ``meta`` is the package metadata as JSON; ``bytes`` the package size."""
+
+    task_id: str
+    version: str
+    meta: dict = field(default_factory=dict)
+    num_params: int = 0
+    bytes: int = 0
+    broken: str | None = None
+
+
 class TaskStore(Protocol):
     def put(self, task_id: str, data: bytes, replace: bool = False) -> str: ...
     def get(self, task_id: str) -> bytes: ...
     def delete(self, task_id: str) -> None: ...
     def versions(self) -> dict[str, str]: ...
+    def info(self, task_id: str) -> StoredTask: ...
+    def list(self) -> dict[str, StoredTask]: ...
 
 
-class DirectoryTaskStore:
-    """One ``<task_id>.grft.safetensors`` file per task in ``root``; writes are atomic renames."""
+def _describe(task_id: str, data: bytes) -> StoredTask:
+    """A stored package's :class:`StoredTask` from its bytes (the version and the header of one read)."""
+    version = content_version(data)
+    try:
+        h = read_header(data, max_bytes=sys.maxsize)  # size limits apply at upload, not at rest
+    except PackageError as e:
+        return StoredTask(task_id, version, bytes=len(data), broken=f"{e.code}: {e.message}")
+    return StoredTask(task_id, version, h.meta.model_dump(mode="json"), h.num_params, h.size)
 
-    def __init__(self, root: str | os.PathLike):
+
+class BaseTaskStore:
+    """``info`` and ``list`` from ``get`` and ``versions``; subclasses implement the core methods."""
+
+    def put(self, task_id: str, data: bytes, replace: bool = False) -> str:
+        raise NotImplementedError
+
+    def get(self, task_id: str) -> bytes:
+        raise NotImplementedError
+
+    def delete(self, task_id: str) -> None:
+        raise NotImplementedError
+
+    def versions(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def info(self, task_id: str) -> StoredTask:
+        """The stored task's version and metadata, or the reason its package is broken.
+        Raises :class:`TaskNotFoundError` if there is none."""
+        return _describe(task_id, self.get(task_id))
+
+    def list(self) -> dict[str, StoredTask]:
+        """:meth:`info` of every stored task (broken ones included, marked as such)."""
+        out = {}
+        for tid in self.versions():
+            try:
+                out[tid] = self.info(tid)
+            except TaskNotFoundError:  # deleted meanwhile
+                continue
+        return out
+
+
+class DirectoryTaskStore(BaseTaskStore):
+    """One ``<task_id>.grft.safetensors`` file per task in ``root`` (see the module docstring)."""
+
+    def __init__(self, root: str | os.PathLike, stale_tmp_s: float = 3600.0):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._vcache: dict[str, tuple[int, int, str]] = {}  # id -> (mtime_ns, size, version)
+        self.stale_tmp_s = stale_tmp_s
+        # id -> ((inode, mtime_ns, size), StoredTask); files are never rewritten in place, so a
+        # changed file has a new inode and a cached entry can only be stale by its key
+        self._cache: dict[str, tuple[tuple[int, int, int], StoredTask]] = {}
+        self._lock = threading.Lock()
+        self._swept = float("-inf")
+        self.sweep()
 
     def path(self, task_id: str) -> Path:
-        if not _ID.match(task_id):
+        if not valid_task_id(task_id):
             raise ValueError(f"invalid task id {task_id!r}: use letters, digits, '_', '-', '.' (max 128)")
         return self.root / f"{task_id}{SUFFIX}"
 
+    def sweep(self) -> list[str]:
+        """Remove temp files of interrupted writes older than ``stale_tmp_s``; returns their names."""
+        self._swept = time.monotonic()
+        cutoff, removed = time.time() - self.stale_tmp_s, []
+        for p in self.root.glob(f".*{SUFFIX}.*{TMP_SUFFIX}"):
+            try:
+                if p.stat().st_mtime < cutoff:
+                    p.unlink()
+                    removed.append(p.name)
+            except FileNotFoundError:  # published or swept by another process meanwhile
+                continue
+        return removed
+
     def put(self, task_id: str, data: bytes, replace: bool = False) -> str:
         p = self.path(task_id)
-        if p.exists() and not replace:
-            raise TaskExistsError(f"task {task_id!r} already exists; pass replace to overwrite it")
-        atomic_write(p, data)
+        try:
+            atomic_write(p, data, replace=replace)
+        except FileExistsError:
+            raise TaskExistsError(f"task {task_id!r} already exists; pass replace to overwrite it") from None
         return content_version(data)
 
     def get(self, task_id: str) -> bytes:
@@ -69,22 +158,46 @@ class DirectoryTaskStore:
             self.path(task_id).unlink()
         except FileNotFoundError:
             raise TaskNotFoundError(f"unknown task {task_id!r}") from None
+        finally:
+            with self._lock:
+                self._cache.pop(task_id, None)
+
+    def info(self, task_id: str) -> StoredTask:
+        """Version and header facts of one stored task, from one open file (so they always agree);
+        re-read only when the file changed."""
+        try:
+            with open(self.path(task_id), "rb") as f:
+                st = os.fstat(f.fileno())
+                key = (st.st_ino, st.st_mtime_ns, st.st_size)
+                c = self._cache.get(task_id)
+                if c is not None and c[0] == key:
+                    return c[1]
+                entry = _describe(task_id, f.read())
+        except FileNotFoundError:
+            raise TaskNotFoundError(f"unknown task {task_id!r}") from None
+        except OSError as e:  # e.g. permissions: listed as broken, not hidden
+            return StoredTask(task_id, "", broken=f"unreadable: {e.strerror or e}")
+        with self._lock:
+            self._cache[task_id] = (key, entry)
+        return entry
 
     def versions(self) -> dict[str, str]:
-        """``{task_id: version}`` of every stored task (hashes cached by mtime and size)."""
+        """``{task_id: version}`` of every stored task (cached per file; broken ones included)."""
+        return {tid: t.version for tid, t in self.list().items()}
+
+    def list(self) -> dict[str, StoredTask]:
+        if time.monotonic() - self._swept > min(self.stale_tmp_s, 60.0):
+            self.sweep()
         out = {}
         for p in sorted(self.root.glob(f"*{SUFFIX}")):
             tid = p.name[: -len(SUFFIX)]
-            try:
-                st = p.stat()
-            except FileNotFoundError:
+            if not valid_task_id(tid):
                 continue
-            c = self._vcache.get(tid)
-            if c is None or c[:2] != (st.st_mtime_ns, st.st_size):
-                try:
-                    c = (st.st_mtime_ns, st.st_size, content_version(p.read_bytes()))
-                except FileNotFoundError:
-                    continue
-                self._vcache[tid] = c
-            out[tid] = c[2]
+            try:
+                out[tid] = self.info(tid)
+            except TaskNotFoundError:  # deleted meanwhile
+                continue
+        with self._lock:
+            for tid in set(self._cache) - set(out):
+                self._cache.pop(tid, None)
         return out
