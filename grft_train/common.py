@@ -1,6 +1,7 @@
-"""Helpers shared by select / fit / eval: devices, backbones, batching, seeding."""
+"""Helpers shared by select / fit / eval: devices, backbones, data and batches, progress, seeding."""
 from __future__ import annotations
 
+import logging
 import random
 import re
 from typing import Any, Iterator, Sequence
@@ -11,7 +12,11 @@ from torch import nn
 
 from grft_serve.backbones import Backbone, load_backbone
 
-from .data import DataSplits, SampleSet, load_splits
+from .data import DataError, DataSplits, SampleSet, load_splits
+from .loader import raw_batches
+from .summary import summary_table
+
+log = logging.getLogger("grft_train")
 
 HEAD_RE = re.compile(r"(^|\.)(head|heads|classifier|fc|lm_head|pre_logits)(\.|$)")
 EMBED_RE = re.compile(r"(^|\.)(patch_embed|conv_stem|stem|embeddings)(\.|$)")
@@ -68,25 +73,29 @@ def freeze(module: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-def load_data(cfg, backbone: Backbone | None = None) -> DataSplits:
-    data_cfg = cfg.data
-    splits = load_splits(data_cfg)
+def load_data(cfg, backbone: Backbone | None = None, summary: bool = True) -> DataSplits:
+    """The run's splits; logs the dataset summary table (classes, counts per split, input sizes)."""
+    splits = load_splits(cfg.data)
     if backbone is not None and splits.kind != backbone.kind and backbone.kind in ("image", "text"):
-        from .data import DataError
-
         raise DataError(f"{splits.kind} data cannot feed the {backbone.kind} backbone {backbone.model_id}")
+    if summary:
+        log.info("dataset\n%s", summary_table(splits, backbone))
+        for note in splits.info.get("notes", []):
+            log.warning("dataset: %s", note)
     return splits
 
 
 def iter_batches(ds: SampleSet, batch_size: int, shuffle: bool = False,
                  generator: np.random.Generator | None = None) -> Iterator[tuple[list[Any], torch.Tensor]]:
-    order = np.arange(len(ds))
-    if shuffle:
-        order = (generator or np.random.default_rng(0)).permutation(len(ds))
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        items = [ds[int(i)] for i in idx]
-        yield [x for x, _ in items], torch.tensor([y for _, y in items], dtype=torch.long)
+    """``(raw inputs, labels)`` batches read by DataLoader workers (see :mod:`grft_train.loader`)."""
+    return raw_batches(ds, batch_size, shuffle, generator)
+
+
+def progress(total: int, desc: str, enabled: bool = True):
+    """A tqdm bar on a terminal only (``disable=None``: off when stderr is not a TTY)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=None if enabled else True, leave=False)
 
 
 def module_block(name: str) -> int | None:
