@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from .. import metrics as M
 from ..package import PackageError
@@ -74,6 +75,10 @@ def collate(batches: list[Any], pad_id: int = 0) -> Any:
                                   for b in batches])
         return out
     return torch.cat(batches)
+
+
+def _n_inputs(chunks: list[_Chunk]) -> int:
+    return sum(len(c) for c in chunks)
 
 
 def _slices(n: int, size: int) -> list[slice]:
@@ -125,8 +130,7 @@ class BackboneServer:
         self._pool = ThreadPoolExecutor(self.spec.decode_workers, thread_name_prefix=f"grft-decode-{self.name}")
         self._load_lock = threading.Lock()
         self._bad: set[tuple[str, str]] = set()  # (task, version) that failed validation here
-        self._run_batch.set_max_batch_size(self.spec.max_batch_size)
-        self._run_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
+        self._batched = self._batcher()
         self._stop = threading.Event()
         self._interval = sync_interval_s
         self.last_sync: dict = {}
@@ -233,7 +237,7 @@ class BackboneServer:
                     _select(chunk.batch, s), chunk.task_ids[s], chunk.prep_key, chunk.top_k)
                 chunks.append(part)
                 order.append(idx[s])
-        results = await asyncio.gather(*(self._run_batch(c) for c in chunks))
+        results = await asyncio.gather(*(self._batched(c) for c in chunks))
         out: list[dict | None] = [None] * len(items)
         for idx, res in zip(order, results):
             if "error" in res:
@@ -276,9 +280,21 @@ class BackboneServer:
             out.append((idx, _Chunk(batch, [items[i]["task"] for i in idx], key, top_k)))
         return out
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, batch_size_fn=lambda chunks: sum(map(len, chunks)))
-    async def _run_batch(self, chunks: list[_Chunk]) -> list[dict]:
-        return await asyncio.to_thread(self._run, chunks)
+    def _batcher(self):
+        """Inside Serve: ``@serve.batch`` counting INPUTS (``batch_size_fn``), so chunks of concurrent
+        requests merge up to ``max_batch_size`` inputs. Outside Serve (unit tests, embedding the class
+        elsewhere) each chunk runs as its own batch."""
+        async def run(chunks: list[_Chunk]) -> list[dict]:
+            return await asyncio.to_thread(self._run, chunks)
+
+        try:
+            serve.get_replica_context()
+        except RayServeException:
+            async def single(chunk: _Chunk) -> dict:
+                return (await run([chunk]))[0]
+            return single
+        return serve.batch(max_batch_size=self.spec.max_batch_size, batch_wait_timeout_s=self.spec.batch_wait_timeout_s,
+                           batch_size_fn=_n_inputs)(run)
 
     def _run(self, chunks: list[_Chunk]) -> list[dict]:
         """Run chunks of several requests as one forward per preprocessing; isolate failures."""
