@@ -133,7 +133,7 @@ def smoke_setting(root: Path) -> Setting:
             a = (rng.normal(0, 50, (24, 24, 3)) + np.array(col)).clip(0, 255).astype(np.uint8)
             Image.fromarray(a).save(d / f"{i}.png")
     return Setting("smoke", "tiny random ViT + generated colours",
-                   {"backbone": {"type": "timm", "name": "test_vit",
+                   {"backbone": {"type": "timm", "name": "test_vit", "weights": "random",
                                  "model_kwargs": {"img_size": 32, "patch_size": 8}},
                     "data": {"format": "imagefolder", "path": str(root), "val_fraction": 0.25,
                              "test_fraction": 0.25},

@@ -72,10 +72,10 @@ class Bench:
 
 def _vit(smoke: bool, seq: int) -> Bench:
     if smoke:
-        bb = TimmBackbone("vit_tiny_patch16_224", model_kwargs=dict(img_size=32, patch_size=8, depth=2))
+        bb = TimmBackbone("vit_tiny_patch16_224", weights="random", model_kwargs=dict(img_size=32, patch_size=8, depth=2))
         name, size = "vit_tiny_smoke(img32,p8,depth2)", 32
     else:
-        bb = TimmBackbone("vit_base_patch16_224")
+        bb = TimmBackbone("vit_base_patch16_224", weights="random")
         name, size = "vit_base_patch16_224", 224
 
     def make(b: int, g: torch.Generator):

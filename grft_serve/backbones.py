@@ -96,8 +96,14 @@ class ModuleBackbone(Backbone):
         return self.net(batch)
 
 
+RANDOM_WEIGHTS = "random"
+
+
 class TimmBackbone(Backbone):
-    """A timm model with its classifier removed (``num_classes=0``): forward returns pooled features."""
+    """A timm model with its classifier removed (``num_classes=0``): forward returns pooled features.
+
+    Weights come from a local ``weights`` file or a ``checkpoint``; a randomly initialised model
+    (tests, benchmarks) must be asked for with ``weights="random"`` — it is never a silent default."""
 
     kind = "image"
 
@@ -109,7 +115,13 @@ class TimmBackbone(Backbone):
 
         kwargs = dict(model_kwargs or {})
         if model is None:
-            if weights is not None and not Path(weights).is_file():
+            if weights is None and checkpoint_path is None:
+                raise BackboneError(
+                    f"timm backbone {name!r} has no weights: set `weights:` to a local weights file (or "
+                    f"`checkpoint:`), or write `weights: {RANDOM_WEIGHTS}` to use a randomly initialised model")
+            if str(weights) == RANDOM_WEIGHTS:
+                weights = None
+            elif weights is not None and not Path(weights).is_file():
                 raise BackboneError(f"timm weights file not found: {weights}")
             if checkpoint_path is not None and not Path(checkpoint_path).is_file():
                 raise BackboneError(f"timm checkpoint not found: {checkpoint_path}")
@@ -263,7 +275,8 @@ def _has_module(root: nn.Module, dotted: str) -> bool:
 class BackboneConfig(BaseModel):
     """How to build a backbone. ``type``:
 
-    - ``timm``: ``name`` (any timm model), optional ``weights`` (local file) or ``checkpoint``;
+    - ``timm``: ``name`` (any timm model) and ``weights`` (a local file; ``random`` for a randomly
+      initialised model, on purpose) or ``checkpoint``;
     - ``hf``: ``path`` (local transformers directory), ``pooling`` (mean|last), ``max_length``;
     - ``zoo``: ``name`` of a real pretrained backbone that ships offline in a package
       (``efficientnet_lite0``, ``minilm``, ``smollm2``), see :mod:`grft_serve.zoo`.

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 SEED = 1234
-VIT_CFG = {"type": "timm", "name": "vit_tiny_patch16_224",
+VIT_CFG = {"type": "timm", "name": "vit_tiny_patch16_224", "weights": "random",
            "model_kwargs": {"img_size": 32, "patch_size": 8, "depth": 2,
                             "pretrained_cfg_overlay": {"input_size": [3, 32, 32]}}}
 WORDS = ["good", "bad", "great", "awful", "movie", "film", "the", "a", "is", "was", "not", "very", "fun",

@@ -17,7 +17,8 @@ def tiny_vit(seed: int = 0, depth: int = 2):
     from grft_serve.backbones import TimmBackbone
 
     torch.manual_seed(seed)
-    return TimmBackbone("vit_tiny_patch16_224", model_kwargs=dict(img_size=32, patch_size=8, depth=depth))
+    return TimmBackbone("vit_tiny_patch16_224", weights="random",
+                        model_kwargs=dict(img_size=32, patch_size=8, depth=depth))
 
 
 def tiny_cnn(seed: int = 0):
@@ -25,7 +26,7 @@ def tiny_cnn(seed: int = 0):
     from grft_serve.backbones import TimmBackbone
 
     torch.manual_seed(seed)
-    return TimmBackbone("test_efficientnet", model_kwargs=dict(pad_type="same"))
+    return TimmBackbone("test_efficientnet", weights="random", model_kwargs=dict(pad_type="same"))
 
 
 def tiny_mlp(seed: int = 0):

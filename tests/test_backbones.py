@@ -49,7 +49,7 @@ def test_config_errors_name_the_problem(tmp_path):
     with pytest.raises(BackboneError, match="weights file not found"):
         load_backbone({"type": "timm", "name": "vit_tiny_patch16_224", "weights": str(tmp_path / "none.pth")})
     with pytest.raises(BackboneError, match="cannot build timm model"):
-        load_backbone({"type": "timm", "name": "no_such_model_xyz"})
+        load_backbone({"type": "timm", "name": "no_such_model_xyz", "weights": "random"})
     with pytest.raises(BackboneError, match="directory not found"):
         load_backbone({"type": "hf", "path": str(tmp_path / "missing")})
     with pytest.raises(BackboneError, match="needs a model name"):
@@ -61,8 +61,22 @@ def test_config_errors_name_the_problem(tmp_path):
 def test_vit_with_custom_img_size_preprocesses_at_that_size():
     from PIL import Image
 
-    bb = load_backbone({"type": "timm", "name": "vit_tiny_patch16_224",
+    bb = load_backbone({"type": "timm", "name": "vit_tiny_patch16_224", "weights": "random",
                         "model_kwargs": {"img_size": 32, "patch_size": 8, "depth": 1}})
     x = bb.preprocess([Image.new("RGB", (50, 70))])
     assert x.shape == (1, 3, 32, 32)
     assert bb(x).shape == (1, bb.feature_dim)
+
+
+def test_timm_without_weights_is_refused_unless_random_is_asked_for():
+    """No silent random initialisation: `weights` is required, `weights: random` is the explicit opt-in."""
+    kw = {"img_size": 32, "patch_size": 8, "depth": 1}
+    with pytest.raises(BackboneError, match=r"has no weights: set `weights:`.*`weights: random`"):
+        load_backbone({"type": "timm", "name": "vit_tiny_patch16_224", "model_kwargs": kw})
+    with pytest.raises(BackboneError, match="has no weights"):
+        TimmBackbone("vit_tiny_patch16_224", model_kwargs=kw)
+    torch.manual_seed(5)
+    a = load_backbone({"type": "timm", "name": "vit_tiny_patch16_224", "weights": "random", "model_kwargs": kw})
+    torch.manual_seed(5)
+    b = TimmBackbone("vit_tiny_patch16_224", weights="random", model_kwargs=kw)
+    assert a.describe().fingerprint == b.describe().fingerprint

@@ -19,7 +19,7 @@ from grft_train.config import EvalConfig
 from grft_train.fit import FitError, run_fit
 from grft_train.select import run_select
 
-BACKBONE = dict(type="timm", name="test_vit", model_kwargs=dict(img_size=32, patch_size=8))
+BACKBONE = dict(type="timm", name="test_vit", weights="random", model_kwargs=dict(img_size=32, patch_size=8))
 
 
 @pytest.fixture(scope="module")
