@@ -4,24 +4,26 @@ Two ways to run a batch (both bit-exact with respect to the base; see ``tests/te
 
 - **patch** (one task in the batch): the task's rows are written into the base weights with
   ``index_copy_`` and the pretrained rows restored in a ``finally``. All patchable weights are views
-  into a few flat buffers grouped by row length (and one flat bias buffer), so a whole-task patch or
-  restore is a handful of ``index_copy_`` calls, not one per layer.
+  into a few flat buffers grouped by row length, and every patchable module has a place in one flat
+  bias buffer (zeros where the base has no bias: a task may give such a module a bias, which is
+  attached for the patch and detached after it, so the base's outputs never change), so a whole-task
+  patch or restore is a handful of ``index_copy_`` calls, not one per layer.
 - **override** (several tasks in the batch): no weight is touched; forward hooks correct each
-  patchable layer's output per sample (:mod:`grft_serve.rowop`), one pass whatever the task count.
+  patchable layer's output per sample from per-module slot tables (:mod:`grft_serve.slots`,
+  :func:`grft_serve.rowop.apply_mixed`): the batch carries a sample → slot index, nothing else.
 
-Task tiers: store (disk, :mod:`grft_serve.store`) → host (one contiguous, pinned-on-CUDA buffer per
-task) → device (the same buffer uploaded with ONE copy, LRU-capped in bytes). One lock guards weight
-mutation and the forward, so the override path never sees half-patched weights; package parsing and
-validation happen outside it.
+Task tiers (store → host → device) are one :class:`~grft_serve.cache.TaskCache`; each batch reports
+what it did (:class:`BatchReport`). One lock guards weight mutation and the forward, so the override
+path never sees half-patched weights.
 """
 from __future__ import annotations
 
 import json
 import threading
 import time
-from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from dataclasses import replace as _replace
 from typing import Any, Literal, Sequence
 
 import torch
@@ -30,19 +32,17 @@ from torch import nn
 
 from .backbones import Backbone
 from .base import BaseSpec, fingerprint_modules, iter_patchable
-from .package import DEFAULT_MAX_BYTES, PackageMeta, PreprocessingMismatchError, TaskPackage, load_package, package_bytes, read_package_bytes
-from .rowop import COLUMN, ROW, ModuleDelta, RowOpHooks, build_mixed_plan
+from .cache import TaskCache, UnknownTaskError
+from .package import DEFAULT_MAX_BYTES, PackageMeta, PreprocessingMismatchError, TaskPackage, load_package, \
+    package_bytes, read_package_bytes
+from .packed import Layout, Packed, Resident, structure_key
+from .rowop import RowOpHooks
+from .slots import SlotTables
 from .store import TaskStore, content_version
 
+__all__ = ["BatchReport", "BatchResult", "Engine", "TaskExistsError", "TaskInfo", "UnknownTaskError"]
+
 Path_ = Literal["auto", "patch", "override"]
-_ALIGN = 64
-
-
-class UnknownTaskError(KeyError):
-    """No task with this id is registered in the engine."""
-
-    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
-        return str(self.args[0]) if self.args else "unknown task"
 
 
 class TaskExistsError(KeyError):
@@ -66,76 +66,46 @@ class TaskInfo:
                 "preprocessing": self.meta.preprocessing, "registered_at": self.registered_at}
 
 
-# ---------------------------------------------------------------------------------------------
-# one contiguous buffer per task per tier
-# ---------------------------------------------------------------------------------------------
-class _Packed:
-    """Named tensors laid out in one uint8 buffer, so moving a task between tiers is one copy."""
+@dataclass
+class BatchReport:
+    """What the engine did for one batch. ``cache_hits``: tasks found on the device tier;
+    ``cache_misses``: tasks loaded onto it; ``store_loads``: of those, tasks first reloaded from the
+    store; ``cache_evictions``: tasks dropped from a tier to make room; ``slot_loads``: tasks written
+    into the slot tables (override path)."""
 
-    def __init__(self, buf: torch.Tensor, layout: dict[str, tuple[torch.dtype, tuple[int, ...], int]],
-                 modes: dict[str, str]):
-        self.buf, self.layout, self.modes = buf, layout, modes
-
-    @classmethod
-    def pack(cls, tensors: dict[str, torch.Tensor], modes: dict[str, str], pin: bool) -> "_Packed":
-        layout, off = {}, 0
-        for name, t in tensors.items():
-            layout[name] = (t.dtype, tuple(t.shape), off)
-            off += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
-        buf = torch.empty(max(off, _ALIGN), dtype=torch.uint8, pin_memory=pin)
-        for name, t in tensors.items():
-            dt, shape, o = layout[name]
-            n = t.numel() * t.element_size()
-            buf[o:o + n].copy_(t.detach().contiguous().view(-1).view(torch.uint8))
-        return cls(buf, layout, modes)
-
-    @property
-    def nbytes(self) -> int:
-        return self.buf.numel()
-
-    def to(self, device) -> "_Packed":
-        return _Packed(self.buf.to(device, non_blocking=True, copy=True), self.layout, self.modes)
-
-    def views(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, (dt, shape, o) in self.layout.items():
-            n = 1
-            for s in shape:
-                n *= s
-            esz = torch.empty((), dtype=dt).element_size()
-            out[name] = self.buf[o:o + n * esz].view(dt).view(shape)
-        return out
+    path: str
+    tasks: list[str]
+    samples: int
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_evictions: int = 0
+    store_loads: int = 0
+    slot_loads: int = 0
+    seconds: float = 0.0
 
 
 @dataclass
-class _Resident:
-    """A task materialised on one tier: per-module deltas plus the flat-buffer patch lists."""
-
-    packed: _Packed
-    deltas: dict[str, ModuleDelta]
-    row_groups: list[tuple[int, torch.Tensor, torch.Tensor]]  # (group id, global idx, rows)
-    bias_patch: tuple[torch.Tensor, torch.Tensor] | None  # (global idx into bias buffer, values)
-    head_w: torch.Tensor
-    head_b: torch.Tensor
+class BatchResult:
+    answers: list[dict]
+    report: BatchReport
 
 
-# ---------------------------------------------------------------------------------------------
-# the engine
-# ---------------------------------------------------------------------------------------------
 class Engine:
     """Serve many GRFT tasks from one frozen ``backbone``.
 
-    ``device_cache_bytes`` caps the task bytes kept on the device (LRU); ``max_package_bytes`` caps
-    accepted packages. ``dtype`` is the serving dtype (e.g. ``torch.bfloat16`` on CUDA).
+    ``device_cache_bytes`` caps the task bytes on the device (LRU); ``host_cache_bytes`` caps the
+    host tier (None: unbounded; only tasks registered from a store can leave it); ``max_slots`` is
+    the number of tasks the mixed path keeps in its slot tables (default 256 on CUDA, 64 on CPU);
+    ``max_package_bytes`` caps accepted packages; ``dtype`` is the serving dtype.
     """
 
     def __init__(self, backbone: Backbone, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  device_cache_bytes: int = 1 << 30, max_package_bytes: int = DEFAULT_MAX_BYTES,
-                 device_tier: bool | None = None):
+                 device_tier: bool | None = None, host_cache_bytes: int | None = None,
+                 max_slots: int | None = None):
         self.backbone = backbone
         self.device = torch.device(device)
         self.max_package_bytes = max_package_bytes
-        self.device_cache_bytes = int(device_cache_bytes)
         mods = iter_patchable(backbone, backbone.exclude_from_patching())
         # the fingerprint is taken on the pretrained weights before any dtype conversion
         self.spec: BaseSpec = backbone.describe(fingerprint=fingerprint_modules(mods))
@@ -144,21 +114,27 @@ class Engine:
         self.modules: dict[str, nn.Module] = dict(mods)
         self._build_flat_buffers()
         self.hooks = RowOpHooks(self.modules)
-        self._pin = self.device.type == "cuda"
-        # on CPU the host copy is already where the model is; ``device_tier=True`` keeps a separate
-        # LRU tier anyway (tests exercise eviction without a GPU)
-        self.device_tier = self.device.type != "cpu" if device_tier is None else device_tier
+        self._pin_host = self.device.type == "cuda"
+        # on CPU the device copy would duplicate the host copy: the device tier shares it, unless
+        # ``device_tier=True`` asks for a separate copy (tests exercise eviction that way)
+        copy = self.device.type != "cpu" if device_tier is None else device_tier
+        self.cache: TaskCache[Packed, Resident] = TaskCache(
+            self._upload if copy else self._materialise, host_bytes=host_cache_bytes,
+            device_bytes=int(device_cache_bytes), shared=not copy)
+        self.slots = SlotTables(self.modules, self._base_bias,
+                                max_slots or (256 if self.device.type == "cuda" else 64))
+        self._layouts: dict[tuple, Layout] = {}
         self._lock = threading.RLock()
         self._tasks: dict[str, TaskInfo] = {}
-        self._host: dict[str, _Resident] = {}
-        self._dev: OrderedDict[str, _Resident] = OrderedDict()
-        self._dev_bytes = 0
+        self._pinned: set[str] = set()
         self.counters = {"batches": 0, "samples": 0, "patch_batches": 0, "override_batches": 0,
                          "cache_hits": 0, "cache_misses": 0, "cache_evictions": 0}
 
     # -- flat buffers ---------------------------------------------------------------------------
     def _build_flat_buffers(self) -> None:
-        """Re-home every patchable weight as a view into one flat buffer per row length."""
+        """Re-home every patchable weight as a view into one flat buffer per row length, and every
+        bias into one flat bias buffer (bias-free modules get a zero slice, attached only while a
+        task that gives them a bias is patched in)."""
         by_len: dict[int, list[str]] = {}
         for name, m in self.modules.items():
             by_len.setdefault(m.weight[0].numel(), []).append(name)
@@ -176,39 +152,48 @@ class Engine:
                 self.row_offset[nm] = (gid, off)
                 off += rows
             self.row_buffers.append(buf)
-        with_bias = [nm for nm, m in self.modules.items() if m.bias is not None]
-        total = sum(self.modules[nm].bias.numel() for nm in with_bias)
-        self.bias_buffer = torch.empty(max(total, 1), dtype=self.dtype, device=self.device)
+        total = sum(m.weight.shape[0] for m in self.modules.values())
+        self.bias_buffer = torch.zeros(total, dtype=self.dtype, device=self.device)
         self.bias_offset: dict[str, int] = {}
+        self._free_bias: dict[str, nn.Parameter] = {}  # bias-free modules' zero slices
         off = 0
-        for nm in with_bias:
-            m = self.modules[nm]
-            n = m.bias.numel()
-            self.bias_buffer[off:off + n].copy_(m.bias.detach())
-            m.bias = nn.Parameter(self.bias_buffer[off:off + n], requires_grad=False)
+        for nm, m in self.modules.items():
+            n = m.weight.shape[0]
+            view = nn.Parameter(self.bias_buffer[off:off + n], requires_grad=False)
+            if m.bias is not None:
+                view.data.copy_(m.bias.detach())
+                m.bias = view
+            else:
+                self._free_bias[nm] = view
             self.bias_offset[nm] = off
             off += n
+        self._row_group = {nm: gid for nm, (gid, _) in self.row_offset.items()}
+
+    def _base_bias(self, name: str) -> torch.Tensor | None:
+        return self.modules[name].bias
 
     # -- registration ---------------------------------------------------------------------------
     def register(self, source: str | bytes | TaskPackage | Any, replace: bool = False,
-                 version: str | None = None) -> TaskInfo:
+                 version: str | None = None, store: TaskStore | None = None) -> TaskInfo:
         """Validate and register a task package (path, bytes or :class:`TaskPackage`).
 
-        Raises a ``PackageError`` subclass for a bad package, :class:`TaskExistsError` when the id is
-        taken and ``replace`` is false. On any error the engine is unchanged.
+        With ``store`` (the store the package came from) the host tier may drop the task and reload
+        it from there. Raises a ``PackageError`` subclass for a bad package, :class:`TaskExistsError`
+        when the id is taken and ``replace`` is false. On any error the engine is unchanged.
         """
         data = package_bytes(source) if isinstance(source, TaskPackage) else \
             read_package_bytes(source, self.max_package_bytes)
         pkg = self.validate(data)
         version = version or content_version(data)
-        with self._lock:  # column deltas read base weights: never while a patch is applied
+        with self._lock:  # packing reads nothing patched, but replacing must not race a batch
             if pkg.task_id in self._tasks and not replace:
                 raise TaskExistsError(f"task {pkg.task_id!r} is already registered; pass replace to overwrite")
-            host = self._materialise(self._pack(pkg))
-            info = TaskInfo(pkg.task_id, version, pkg.meta, pkg.num_params(), host.packed.nbytes)
-            self._drop_device(pkg.task_id)
+            packed = self._pack(pkg)
+            info = TaskInfo(pkg.task_id, version, pkg.meta, pkg.num_params(), packed.nbytes)
+            reload = None if store is None else self._reloader(store, pkg.task_id)
+            self.slots.release(pkg.task_id)
+            self.cache.add(pkg.task_id, version, packed, reload)
             self._tasks[pkg.task_id] = info
-            self._host[pkg.task_id] = host
         return info
 
     def validate(self, data: bytes) -> TaskPackage:
@@ -224,8 +209,10 @@ class Engine:
         with self._lock:
             if task_id not in self._tasks:
                 raise UnknownTaskError(f"unknown task {task_id!r}")
-            self._drop_device(task_id)
-            del self._tasks[task_id], self._host[task_id]
+            self.cache.remove(task_id)
+            self.slots.release(task_id)
+            self._pinned.discard(task_id)
+            del self._tasks[task_id]
 
     def tasks(self) -> list[TaskInfo]:
         with self._lock:
@@ -241,7 +228,8 @@ class Engine:
         """Make the registered tasks equal the store's (new/changed loaded, missing dropped).
 
         ``versions`` (default ``store.versions()``) is the wanted ``{task_id: version}``, e.g. the
-        store's listing filtered to the tasks of this base."""
+        store's listing filtered to the tasks of this base. Tasks loaded here can be reloaded from
+        ``store`` after a host-tier eviction."""
         want = store.versions() if versions is None else versions
         added, removed, failed = [], [], []
         for tid, v in want.items():
@@ -249,7 +237,7 @@ class Engine:
             if cur is not None and cur.version == v:
                 continue
             try:
-                self.register(store.get(tid), replace=True, version=v)
+                self.register(store.get(tid), replace=True, version=v, store=store)
                 added.append(tid)
             except Exception:  # noqa: BLE001 - a bad or vanished file must not stop the others
                 failed.append(tid)
@@ -261,186 +249,160 @@ class Engine:
                 pass
         return {"added": added, "removed": removed, "failed": failed}
 
-    def _pack(self, pkg: TaskPackage) -> _Packed:
-        dt = self.dtype
-        t: dict[str, torch.Tensor] = {}
-        groups: dict[int, tuple[list, list]] = {}
-        bias_idx, bias_val = [], []
-        for name, d in pkg.deltas.items():
-            m = self.modules[name]
-            t[f"{name}.indices"] = d.indices
-            if d.mode == ROW:
-                gid, off = self.row_offset[name]
-                gi, gv = groups.setdefault(gid, ([], []))
-                gi.append(d.indices + off)
-                gv.append(d.values.to(dt).reshape(d.k, -1))
-            else:
-                t[f"{name}.values"] = d.values.to(dt)
-                base_cols = m.weight.detach().index_select(1, d.indices.to(self.device)).float().cpu()
-                t[f"{name}.col_delta"] = (d.values.float() - base_cols).to(dt)
-            if d.mode == ROW:  # bias of the selected rows (zeros without one): no per-batch allocs
-                b = d.bias if d.bias is not None else m.bias.detach().float().cpu() if m.bias is not None \
-                    else torch.zeros(m.weight.shape[0])
-                t[f"{name}.sel_bias"] = b.index_select(0, d.indices).to(dt)
-            if d.bias is not None:
-                t[f"{name}.bias"] = d.bias.to(dt)
-                if m.bias is not None:
-                    t[f"{name}.bias_delta"] = (d.bias.float() - m.bias.detach().float().cpu()).to(dt)
-                o = self.bias_offset[name]
-                bias_idx.append(torch.arange(o, o + d.bias.numel()))
-                bias_val.append(d.bias.to(dt))
-        for gid, (gi, gv) in sorted(groups.items()):
-            t[f"g{gid}.idx"] = torch.cat(gi)
-            t[f"g{gid}.rows"] = torch.cat(gv)
-        if bias_idx:
-            t["bias.idx"] = torch.cat(bias_idx)
-            t["bias.values"] = torch.cat(bias_val)
-        t["head.weight"] = pkg.head_weight.to(dt)
-        t["head.bias"] = pkg.head_bias.to(dt)
-        return _Packed.pack(t, {n: d.mode for n, d in pkg.deltas.items()}, pin=self._pin)
+    def _reloader(self, store: TaskStore, task_id: str):
+        def reload() -> Packed:
+            try:
+                data = store.get(task_id)
+            except KeyError:
+                raise UnknownTaskError(f"task {task_id!r} is no longer in the store") from None
+            pkg = self.validate(data)
+            v = content_version(data)
+            info = self._tasks.get(task_id)
+            if info is not None and info.version != v:  # changed at rest since registration: say so
+                self._tasks[task_id] = _replace(info, version=v, meta=pkg.meta, num_params=pkg.num_params())
+                self.cache.set_version(task_id, v)
+            return self._pack(pkg)
+        return reload
 
-    def _materialise(self, packed: _Packed) -> _Resident:
-        v = packed.views()
-        modes = packed.modes
-        deltas: dict[str, ModuleDelta] = {}
-        row_groups = []
-        cursor: dict[int, int] = {}
-        for name, mode in modes.items():
-            idx = v[f"{name}.indices"]
-            bias = v.get(f"{name}.bias")
-            if mode == ROW:
-                gid, _ = self.row_offset[name]
-                s = cursor.get(gid, 0)
-                k = idx.numel()
-                rows = v[f"g{gid}.rows"][s:s + k].view(k, *self.modules[name].weight.shape[1:])
-                cursor[gid] = s + k
-                deltas[name] = ModuleDelta(ROW, idx, rows, bias)
-            else:
-                deltas[name] = ModuleDelta(COLUMN, idx, v[f"{name}.values"], bias, v[f"{name}.col_delta"])
-            deltas[name].sel_bias = v.get(f"{name}.sel_bias")
-            deltas[name].bias_delta = v.get(f"{name}.bias_delta")
-        for gid in sorted(cursor):
-            row_groups.append((gid, v[f"g{gid}.idx"], v[f"g{gid}.rows"]))
-        bias_patch = (v["bias.idx"], v["bias.values"]) if "bias.idx" in v else None
-        return _Resident(packed, deltas, row_groups, bias_patch, v["head.weight"], v["head.bias"])
+    def _pack(self, pkg: TaskPackage) -> Packed:
+        key = structure_key(pkg, self.dtype, self._row_group)
+        layout = self._layouts.get(key)
+        if layout is None:
+            shapes = {n: tuple(self.modules[n].weight.shape) for n in pkg.deltas}
+            layout = self._layouts[key] = Layout(key, shapes, self.bias_offset)
+            layout.free_bias = [n for n, *_ in layout.bias_modules if n in self._free_bias]
+        return Packed.pack(pkg, layout, self.row_offset, pin=self._pin_host)
 
-    # -- device tier ----------------------------------------------------------------------------
-    def _drop_device(self, task_id: str) -> None:
-        r = self._dev.pop(task_id, None)
-        if r is not None:
-            self._dev_bytes -= r.packed.nbytes
+    def _upload(self, task_id: str, packed: Packed) -> Resident:
+        return Resident(packed, self.device)  # ONE host-to-device copy
 
-    def _resident(self, task_id: str, keep: Sequence[str]) -> _Resident:
-        host = self._host.get(task_id)
-        if host is None:
-            raise UnknownTaskError(f"unknown task {task_id!r}")
-        if not self.device_tier:
-            return host
-        r = self._dev.get(task_id)
-        if r is not None:
-            self._dev.move_to_end(task_id)
-            self.counters["cache_hits"] += 1
-            return r
-        self.counters["cache_misses"] += 1
-        need = host.packed.nbytes
-        for tid in list(self._dev):
-            if self._dev_bytes + need <= self.device_cache_bytes:
-                break
-            if tid in keep:
-                continue
-            self._drop_device(tid)
-            self.counters["cache_evictions"] += 1
-        r = self._materialise(host.packed.to(self.device))  # ONE host-to-device copy
-        self._dev[task_id] = r
-        self._dev_bytes += need
-        return r
+    def _materialise(self, task_id: str, packed: Packed) -> Resident:
+        return Resident(packed, packed.buf.device)  # CPU: the host buffer itself
+
+    # -- residency ------------------------------------------------------------------------------
+    def pin(self, task_id: str) -> None:
+        """Keep ``task_id`` on the device (loaded now) and in the slot tables once it gets a slot."""
+        with self._lock:
+            self.cache.pin(task_id)
+            self._pinned.add(task_id)
+
+    def unpin(self, task_id: str) -> None:
+        with self._lock:
+            self.cache.unpin(task_id)
+            self._pinned.discard(task_id)
+
+    def residency(self) -> dict[str, dict]:
+        """``{task_id: {"tier": "device"|"host"|"store", "pinned", "version", "slot", ...}}``."""
+        with self._lock:
+            out = self.cache.residency()
+            for tid, r in out.items():
+                r["slot"] = self.slots.slot_of(tid)
+            return out
 
     def device_cache(self) -> dict:
-        with self._lock:
-            return {"tasks": list(self._dev), "bytes": self._dev_bytes, "capacity": self.device_cache_bytes}
+        return {"tasks": self.cache.device_ids(), "bytes": self.cache.nbytes("device"),
+                "capacity": self.cache.capacity("device")}
 
     # -- patch path -----------------------------------------------------------------------------
     @contextmanager
-    def patched(self, r: _Resident):
+    def patched(self, r: Resident):
         """Write ``r``'s rows/columns/biases into the base; restore the pretrained values on exit."""
         saved: list = []
+        attached: list[nn.Module] = []
         try:
             for gid, gidx, rows in r.row_groups:
                 buf = self.row_buffers[gid]
-                saved.append(("g", buf, gidx, buf.index_select(0, gidx)))
+                saved.append((buf, 0, gidx, buf.index_select(0, gidx)))
                 buf.index_copy_(0, gidx, rows)
-            for name, d in r.deltas.items():
-                if d.mode == COLUMN:
-                    w = self.modules[name].weight
-                    saved.append(("c", w, d.indices, w.index_select(1, d.indices)))
-                    w.index_copy_(1, d.indices, d.values)
+            for name, idx, vals in r.columns():
+                w = self.modules[name].weight
+                saved.append((w, 1, idx, w.index_select(1, idx)))
+                w.index_copy_(1, idx, vals)
             if r.bias_patch is not None:
                 bidx, bval = r.bias_patch
-                saved.append(("g", self.bias_buffer, bidx, self.bias_buffer.index_select(0, bidx)))
+                saved.append((self.bias_buffer, 0, bidx, self.bias_buffer.index_select(0, bidx)))
                 self.bias_buffer.index_copy_(0, bidx, bval)
+                for name in r.layout.free_bias:
+                    m = self.modules[name]
+                    attached.append(m)
+                    m.bias = self._free_bias[name]
             yield
         finally:
-            for kind, t, idx, old in reversed(saved):
-                t.index_copy_(0 if kind == "g" else 1, idx, old)
+            for m in attached:
+                m.bias = None
+            for t, dim, idx, old in reversed(saved):
+                t.index_copy_(dim, idx, old)
 
     # -- forward --------------------------------------------------------------------------------
-    @torch.inference_mode()
     def forward(self, batch: Any, task_ids: Sequence[str], path: Path_ = "auto") -> tuple[list[torch.Tensor], list[str]]:
         """Logits per sample (float32, CPU; each task has its own classes) and the task versions used.
 
         ``batch`` is a preprocessed batch (see :meth:`Backbone.preprocess`) of ``len(task_ids)``.
         """
+        logits, versions, _ = self._execute(batch, task_ids, path)
+        return logits, versions
+
+    def run(self, batch: Any, task_ids: Sequence[str], top_k: int = 5, path: Path_ = "auto") -> BatchResult:
+        """Answers for a preprocessed ``batch`` (possibly several requests merged) and a report of
+        what the engine did for it."""
+        logits, versions, report = self._execute(batch, task_ids, path)
+        return BatchResult(self._answers(logits, task_ids, versions, top_k), report)
+
+    @torch.inference_mode()
+    def _execute(self, batch: Any, task_ids: Sequence[str], path: Path_):
+        t0 = time.perf_counter()
         n = Backbone.batch_len(batch)
         if n != len(task_ids):
             raise ValueError(f"batch has {n} samples but {len(task_ids)} task ids")
+        if path not in ("auto", "patch", "override"):
+            raise ValueError(f"path must be 'auto', 'patch' or 'override', not {path!r}")
         unique = list(dict.fromkeys(task_ids))
-        slot = {t: i for i, t in enumerate(unique)}
-        with self._lock:
-            for t in unique:
-                if t not in self._tasks:
-                    raise UnknownTaskError(f"unknown task {t!r}")
-            versions = [self._tasks[t].version for t in task_ids]
-            res = [self._resident(t, unique) for t in unique]
+        pos = {t: i for i, t in enumerate(unique)}
+        use_patch = path == "patch" or (path == "auto" and len(unique) == 1)
+        report = BatchReport("patch" if use_patch else "override", unique, n)
+        with self._lock, self.cache.use(unique) as (res, usage):
+            versions = [self.cache.version(t) for t in task_ids]
             batch = Backbone.batch_to(batch, self.device, self.dtype)
             # per-task sample lists are built on the host: no device syncs for the routing
             groups: list[list[int]] = [[] for _ in unique]
             for i, t in enumerate(task_ids):
-                groups[slot[t]].append(i)
-            sel = [torch.tensor(g, device=self.device) for g in groups]
-            use_patch = path == "patch" or (path == "auto" and len(unique) == 1)
+                groups[pos[t]].append(i)
+            sel = [torch.tensor(g, device=self.device) for g in groups] if len(unique) > 1 else None
             if use_patch:
                 parts = []
                 for i, r in enumerate(res):
-                    sub = batch if len(unique) == 1 else Backbone.batch_select(batch, sel[i])
                     with self.patched(r):
-                        parts.append(self.backbone(sub))
-                self.counters["patch_batches"] += 1
+                        parts.append(self.backbone(batch if sel is None else Backbone.batch_select(batch, sel[i])))
             else:
-                sample_task = torch.tensor([slot[t] for t in task_ids], device=self.device)
+                plans, report.slot_loads = self.prepare_mixed(unique, res, [pos[t] for t in task_ids])
                 try:
-                    self.hooks.active.update(self.mixed_plans(res, sample_task))
+                    self.hooks.active.update(plans)
                     feats = self.backbone(batch)
                 finally:
                     self.hooks.active.clear()
-                parts = [feats if len(unique) == 1 else feats.index_select(0, s) for s in sel]
-                self.counters["override_batches"] += 1
+                parts = [feats] if sel is None else [feats.index_select(0, s) for s in sel]
             logits = self.heads(parts, res, groups)
-            self.counters["batches"] += 1
-            self.counters["samples"] += n
-        return logits, versions  # type: ignore[return-value]
+            report.cache_hits, report.cache_misses = usage.hits, usage.misses
+            report.cache_evictions, report.store_loads = usage.evictions, usage.store_loads
+            c = self.counters
+            c["batches"] += 1
+            c["samples"] += n
+            c["patch_batches" if use_patch else "override_batches"] += 1
+            c["cache_hits"] += usage.hits
+            c["cache_misses"] += usage.misses
+            c["cache_evictions"] += usage.evictions
+        report.seconds = time.perf_counter() - t0
+        return logits, versions, report
 
-    def mixed_plans(self, res: Sequence[_Resident], sample_task: torch.Tensor) -> dict:
-        """Per-module :class:`MixedPlan` for a batch over the tasks ``res`` (modules no task touches
-        are left out, so their hooks stay idle)."""
-        plans = {}
-        for name, m in self.modules.items():
-            plan = build_mixed_plan(m, [r.deltas.get(name) for r in res], sample_task)
-            if plan is not None:
-                plans[name] = plan
-        return plans
+    def prepare_mixed(self, unique: Sequence[str], res: Sequence[Resident], sample_pos: Sequence[int]):
+        """The per-batch work of the override path: slots for the tasks (written if new), the sample →
+        slot index (one host-to-device copy) and the per-module plans. Returns (plans, slot loads)."""
+        slots, loads = self.slots.assign(unique, res, protect=self._pinned)
+        sample_slot = torch.tensor([slots[p] for p in sample_pos], dtype=torch.long).to(self.device, non_blocking=True)
+        return self.slots.plan(slots, sample_slot), loads
 
     @staticmethod
-    def heads(parts: Sequence[torch.Tensor], res: Sequence[_Resident], groups: Sequence[list[int]]) -> list:
+    def heads(parts: Sequence[torch.Tensor], res: Sequence[Resident], groups: Sequence[list[int]]) -> list:
         """Each task's head on its samples' features; ONE device-to-host copy for the whole batch."""
         outs = [F.linear(f.to(r.head_w.dtype), r.head_w, r.head_b).float().flatten() for f, r in zip(parts, res)]
         flat = torch.cat(outs).cpu() if len(outs) > 1 else outs[0].cpu()
@@ -454,11 +416,22 @@ class Engine:
                 logits[s] = block[j]
         return logits
 
+    def _answers(self, logits: Sequence[torch.Tensor], task_ids: Sequence[str], versions: Sequence[str],
+                 top_k: int) -> list[dict]:
+        out = []
+        for lg, tid, ver in zip(logits, task_ids, versions):
+            info = self._tasks.get(tid)
+            labels = info.meta.labels if info is not None else [str(i) for i in range(lg.numel())]
+            p = lg.softmax(-1)
+            sc, ix = p.topk(min(top_k, p.numel()))
+            out.append({"task": tid, "version": ver, "label": labels[int(ix[0])], "score": float(sc[0]),
+                        "top_k": [{"label": labels[int(i)], "score": float(s)} for s, i in zip(sc, ix)]})
+        return out
+
     def predict(self, raw_inputs: Sequence[Any], task_ids: Sequence[str], top_k: int = 5,
                 path: Path_ = "auto") -> list[dict]:
-        """Preprocess raw inputs (PIL images / strings), run them, and format per-input answers."""
-        # inputs are prepared the way each task was trained; tasks sharing a preprocessing (the
-        # usual case) share one forward
+        """Preprocess raw inputs (PIL images / strings) the way each task was trained, and :meth:`run`
+        them (tasks sharing a preprocessing — the usual case — share one batch)."""
         by_prep: dict[str, list[int]] = {}
         preps: dict[str, dict] = {}
         for i, t in enumerate(task_ids):
@@ -466,23 +439,16 @@ class Engine:
             key = json.dumps(prep, sort_keys=True, default=str)
             by_prep.setdefault(key, []).append(i)
             preps[key] = prep
-        logits: list = [None] * len(task_ids)
-        versions: list = [None] * len(task_ids)
+        out: list = [None] * len(task_ids)
         for key, idx in by_prep.items():
             batch = self.backbone.preprocess([raw_inputs[i] for i in idx], preps[key])
-            lg, ver = self.forward(batch, [task_ids[i] for i in idx], path=path)
+            res = self.run(batch, [task_ids[i] for i in idx], top_k=top_k, path=path)
             for j, i in enumerate(idx):
-                logits[i], versions[i] = lg[j], ver[j]
-        out = []
-        for lg, tid, ver in zip(logits, task_ids, versions):
-            labels = self._tasks[tid].meta.labels if tid in self._tasks else [str(i) for i in range(lg.numel())]
-            p = lg.softmax(-1)
-            k = min(top_k, p.numel())
-            sc, ix = p.topk(k)
-            out.append({"task": tid, "version": ver, "label": labels[int(ix[0])], "score": float(sc[0]),
-                        "top_k": [{"label": labels[int(i)], "score": float(s)} for s, i in zip(sc, ix)]})
+                out[i] = res.answers[j]
         return out
 
     def stats(self) -> dict:
         with self._lock:
-            return {**self.counters, "tasks": len(self._tasks), "device_cache_bytes": self._dev_bytes}
+            return {**self.counters, "tasks": len(self._tasks), "device_cache_bytes": self.cache.nbytes("device"),
+                    "host_cache_bytes": self.cache.nbytes("host"), "pinned": len(self._pinned),
+                    **self.slots.stats(), "cache": self.cache.stats()}

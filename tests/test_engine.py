@@ -121,6 +121,8 @@ def test_base_bit_exact_after_random_batches_with_failures(case, n_batches):
     snap = _snapshot(eng)
     pkgs = _packages(bb) + [random_package(bb, f"extra{i}", k=1 + i, seed=10 + i, tune_bias=bool(i % 2))
                             for i in range(4)]
+    names = [n for n, _ in iter_patchable_names(bb)]
+    pkgs.append(with_all_biases(bb, random_package(bb, "allbias", k=2, seed=30), seed=30, bias_only=names[::2]))
     for p in pkgs:
         eng.register(p)
     ids_all = [p.task_id for p in pkgs]
@@ -202,27 +204,64 @@ def test_device_tier_lru_one_buffer_per_task(vit):
     size = None
     for p in pkgs:
         size = eng.register(p).nbytes
-    eng.device_cache_bytes = 2 * size  # room for two tasks
+    eng.cache.resize(device_bytes=2 * size)  # room for two tasks
     x = torch.randn(2, 3, 32, 32)
     refs = {p.task_id: reference_forward(vit, p, x) for p in pkgs}
+    reports = []
     for tid in ["t0", "t1", "t0", "t2", "t3", "t0"]:
-        out = torch.stack(eng.forward(x, [tid] * 2)[0])
+        res = eng.run(x, [tid] * 2)
+        reports.append(res.report)
+        assert [a["task"] for a in res.answers] == [tid, tid]
+        out = torch.stack(eng.forward(x, [tid] * 2)[0])  # a second batch: a hit
         assert torch.allclose(out, refs[tid], atol=1e-5)
-    c = eng.counters
-    assert c["cache_hits"] == 1 and c["cache_misses"] == 5 and c["cache_evictions"] == 3
+    # each batch reports its own cache work: miss on the first call, hit on the repeat
+    assert [(r.cache_hits, r.cache_misses) for r in reports] == [(0, 1), (0, 1), (1, 0), (0, 1), (0, 1), (0, 1)]
+    assert [r.cache_evictions for r in reports] == [0, 0, 0, 1, 1, 1]
+    assert all(r.path == "patch" and r.samples == 2 and r.seconds > 0 for r in reports)
+    assert eng.cache.hits() == 7 and eng.cache.misses() == 5 and eng.cache.evictions() == 3
     assert eng.device_cache()["tasks"] == ["t3", "t0"]
-    # a batch needing more tasks than fit keeps them all while it runs
-    ids = ["t0", "t1", "t2", "t3"] * 1
-    out = eng.forward(torch.randn(4, 3, 32, 32), ids)[0]
-    assert len(out) == 4
-    # each resident task is one contiguous buffer: every tensor is a view into it
-    r = eng._dev["t0"]
-    lo = r.packed.buf.data_ptr()
-    hi = lo + r.packed.buf.numel()
-    for d in r.deltas.values():
-        for t in (d.indices, d.values):
-            assert lo <= t.data_ptr() < hi
-    assert lo <= r.head_w.data_ptr() < hi
+    tiers = {t: r["tier"] for t, r in eng.residency().items()}
+    assert tiers == {"t0": "device", "t1": "host", "t2": "host", "t3": "device"}
+    # a batch needing more tasks than fit keeps them all while it runs, and reports it
+    res = eng.run(torch.randn(4, 3, 32, 32), ["t0", "t1", "t2", "t3"])
+    assert res.report.path == "override" and res.report.tasks == ["t0", "t1", "t2", "t3"]
+    assert res.report.cache_misses == 2 and res.report.slot_loads == 4
+    assert eng.cache.stats()["device_over_cap"] >= 1
+
+
+def test_pinned_and_in_use_tasks_are_never_evicted(vit):
+    pkgs = [random_package(vit, f"t{i}", k=2, seed=i) for i in range(5)]
+    eng = Engine(vit, device_tier=True, device_cache_bytes=1, max_slots=2)
+    size = max(eng.register(p).nbytes for p in pkgs)
+    eng.cache.resize(device_bytes=2 * size)
+    eng.pin("t0")
+    assert eng.residency()["t0"]["tier"] == "device" and eng.residency()["t0"]["pinned"]
+    x = torch.randn(2, 3, 32, 32)
+    refs = {p.task_id: reference_forward(vit, p, x) for p in pkgs}
+    seen = []
+
+    def watch(mod, inp, out):  # runs inside the forward: the batch's tasks are in use right now
+        seen.append({t: r["tier"] for t, r in eng.residency().items()})
+
+    h = eng.modules[next(iter(eng.modules))].register_forward_hook(watch)
+    try:
+        for tid in ["t1", "t2", "t3", "t4", "t1"]:
+            # t0 (pinned) and tid fill the cap; the in-use task must survive its own batch's loads
+            out = eng.forward(x, ["t0", tid])[0]
+            assert torch.allclose(out[0], refs["t0"][0], atol=1e-5)
+            assert torch.allclose(out[1], refs[tid][1], atol=1e-5)
+            assert seen[-1]["t0"] == "device" and seen[-1][tid] == "device"
+            with eng.cache.use(["t2", "t3"]):  # held by a (simulated) running batch on another path
+                eng.forward(x, ["t4", "t4"])
+                assert eng.residency()["t2"]["tier"] == eng.residency()["t3"]["tier"] == "device"
+    finally:
+        h.remove()
+    assert eng.residency()["t0"]["tier"] == "device" and eng.slots.slot_of("t0") is not None
+    assert eng.cache.evictions() > 0
+    eng.unpin("t0")
+    for tid in ["t1", "t2", "t3"]:
+        eng.forward(x, [tid] * 2)
+    assert eng.residency()["t0"]["tier"] == "host"
 
 
 def test_concurrent_registration_and_batches(vit):
@@ -354,3 +393,144 @@ def test_predict_uses_each_tasks_preprocessing(cnn):
     with pytest.raises(PreprocessingMismatchError, match="text inputs"):
         eng.register(text)
     assert {t.task_id for t in eng.tasks()} == {"small", "big"}
+
+
+# ---------------------------------------------------------------------------------------------
+# biases on bias-free modules, bias-only modules, slot tables, store-backed tiers
+# ---------------------------------------------------------------------------------------------
+def with_all_biases(bb, pkg, seed=0, bias_only=()):
+    """``pkg`` with a bias on EVERY patchable module (also where the base has none), and the modules in
+    ``bias_only`` reduced to k = 0 with only a bias (what ``fit.bias: all`` trains)."""
+    from grft_serve.base import iter_patchable
+    from grft_serve.rowop import ModuleDelta
+
+    g = torch.Generator().manual_seed(seed)
+    mods = dict(iter_patchable(bb, bb.exclude_from_patching()))
+    deltas = {}
+    for name, m in mods.items():
+        d = pkg.deltas.get(name)
+        base_b = m.bias.detach().float() if m.bias is not None else torch.zeros(m.weight.shape[0])
+        bias = base_b + 0.2 * torch.randn(base_b.shape, generator=g)
+        if d is None or name in bias_only:
+            dim = 0 if pkg.meta.mode == "row" else 1
+            shape = list(m.weight.shape)
+            shape[dim] = 0
+            d = ModuleDelta(pkg.meta.mode, torch.zeros(0, dtype=torch.long), torch.zeros(shape))
+        deltas[name] = ModuleDelta(d.mode, d.indices, d.values, bias)
+    pkg.deltas = deltas
+    return pkg
+
+
+@torch.no_grad()
+def merged_reference(bb, pkg, x):
+    """Logits of ``pkg`` on a deep copy of ``bb`` with weights edited and biases attached."""
+    import copy
+
+    net = copy.deepcopy(bb).eval()
+    mods = dict(net.named_modules())
+    for name, d in pkg.deltas.items():
+        m = mods[name]
+        m.weight.index_copy_(0 if d.mode == "row" else 1, d.indices, d.values.to(m.weight.dtype))
+        if d.bias is not None:
+            m.bias = torch.nn.Parameter(d.bias.to(m.weight.dtype).clone())
+    return torch.nn.functional.linear(net(x).float(), pkg.head_weight.float(), pkg.head_bias.float())
+
+
+@pytest.mark.parametrize("case", ["mlp", "llama", "cnn"])
+def test_biases_on_bias_free_modules_both_paths(case):
+    make, data = CASES[case]
+    bb = make()
+    x = data(5)
+    names = [n for n, _ in iter_patchable_names(bb)]
+    pkgs = [with_all_biases(bb, random_package(bb, "rb", mode="row", k=2, seed=1), seed=1, bias_only=names[::3]),
+            random_package(bb, "plain", mode="row", k=3, seed=2)]
+    if case != "cnn":
+        pkgs.append(with_all_biases(bb, random_package(bb, "cb", mode="column", k=2, seed=3), seed=3,
+                                    bias_only=names[1::3]))
+    refs = [merged_reference(bb, p, x) for p in pkgs]
+    with torch.no_grad():
+        base_out = bb.eval()(x).clone()
+    eng = Engine(bb)
+    snap = _snapshot(eng)
+    for p in pkgs:
+        eng.register(p)
+    for p, ref in zip(pkgs, refs):
+        for path in ("patch", "override"):
+            out = torch.stack(eng.forward(x, [p.task_id] * 5, path=path)[0])
+            assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), (case, p.task_id, path)
+    ids = [pkgs[i % len(pkgs)].task_id for i in range(5)]
+    mixed = eng.forward(x, ids, path="override")[0]
+    for i in range(5):
+        single = eng.forward(x[i:i + 1] if not isinstance(x, dict) else {k: v[i:i + 1] for k, v in x.items()},
+                             [ids[i]], path="patch")[0][0]
+        assert (mixed[i] - single).abs().max() <= 1e-5
+    _assert_base_exact(eng, snap)
+    # bias-free modules are bias-free again after every patch: the base's outputs are unchanged
+    assert all(m.bias is None for n, m in eng.modules.items() if not eng.spec.modules[n].has_bias)
+    with torch.no_grad():
+        assert torch.equal(eng.backbone(x), base_out)
+
+
+def iter_patchable_names(bb):
+    from grft_serve.base import iter_patchable
+
+    return iter_patchable(bb, bb.exclude_from_patching())
+
+
+def test_slot_tables_reuse_and_grow_stay_exact(vit):
+    """More tasks than slots, k growing after tasks are slotted, row/column/bias mixes: every mixed
+    batch equals per-task sequential outputs, and slot loads happen once per task while it stays."""
+    eng = Engine(vit, max_slots=4)
+    pkgs = [random_package(vit, f"t{i}", mode="row" if i % 3 else "column", k=1 + i % 3, seed=i,
+                           tune_bias=i % 2 == 0) for i in range(9)]
+    pkgs.append(random_package(vit, "wide", k=7, seed=50))  # registered last: tables grow later
+    for p in pkgs:
+        eng.register(p)
+    x = torch.randn(6, 3, 32, 32)
+    seq = {p.task_id: torch.stack(eng.forward(x, [p.task_id] * 6, path="patch")[0]) for p in pkgs}
+    rng = random.Random(0)
+    ids_all = [p.task_id for p in pkgs]
+    for step in range(25):
+        ids = [rng.choice(ids_all[:9] if step < 10 else ids_all) for _ in range(6)]
+        res = eng.run(x, ids, path="override")
+        again = eng.run(x, ids, path="override")
+        assert again.report.slot_loads == 0  # its tasks are in the slots now
+        out = eng.forward(x, ids, path="override")[0]
+        for i, t in enumerate(ids):
+            assert (out[i] - seq[t][i]).abs().max() <= 1e-5, (step, t)
+        assert res.report.slot_loads <= len(set(ids))
+    st = eng.stats()
+    assert st["slot_evictions"] > 0 and st["slots"] >= 4 and st["slot_bytes"] > 0
+
+
+def test_store_tier_lazy_reload(vit, tmp_path):
+    """A capped host tier drops store-backed tasks and reloads them on the first batch that needs them."""
+    from grft_serve.store import DirectoryTaskStore
+
+    store = DirectoryTaskStore(tmp_path)
+    pkgs = [random_package(vit, f"s{i}", k=2, seed=i) for i in range(4)]
+    for p in pkgs:
+        store.put(p.task_id, package_bytes(p))
+    eng = Engine(vit, host_cache_bytes=1)
+    res = eng.sync(store)
+    assert sorted(res["added"]) == ["s0", "s1", "s2", "s3"]
+    tiers = {t: r["tier"] for t, r in eng.residency().items()}
+    assert list(tiers.values()).count("store") >= 3  # the cap keeps at most the newest
+    x = torch.randn(2, 3, 32, 32)
+    for p in pkgs:
+        r = eng.run(x, [p.task_id] * 2)
+        assert r.report.store_loads in (0, 1) and r.answers[0]["version"] == eng.task(p.task_id).version
+        assert torch.allclose(torch.stack(eng.forward(x, [p.task_id] * 2)[0]), reference_forward(vit, p, x),
+                              atol=1e-5)
+    assert eng.cache.misses("host") >= 3
+    # a task registered from bytes (no store behind it) never leaves the host tier
+    eng.register(random_package(vit, "only-here", k=1, seed=9))
+    for p in pkgs:
+        eng.forward(x, [p.task_id] * 2)
+    assert eng.residency()["only-here"]["tier"] in ("host", "device")
+    store.delete("s0")
+    eng.cache.resize(host_bytes=1)
+    with pytest.raises(UnknownTaskError, match="no longer in the store"):
+        for _ in range(2):  # s0 is evicted by now or after one more batch of the others
+            eng.forward(x, ["s1", "s1"])
+            eng.forward(x, ["s0", "s0"])

@@ -1,0 +1,285 @@
+"""Slot tables: the device-resident tasks' rows, columns and biases in preallocated per-module buffers.
+
+For a batch whose samples belong to different tasks, every patchable module needs, per sample, the
+task's selected rows (or columns, or bias). Instead of stacking them per batch, each module keeps
+buffers with one *slot* per task (the design of multi-LoRA servers' stacked adapter weights):
+
+- row mode: ``row_idx`` [S, K] (long), ``row_vals`` [S, K, *W.shape[1:]], ``row_bias`` [S, K] (the
+  bias each selected row gets: the task's, else the base's, else 0), ``row_valid`` [S, K];
+- column mode: ``col_idx`` [S, Kc], ``col_delta`` [S, out, Kc, ...] = ``C − W[:, idx]``;
+- bias: ``bias_delta`` [S, out] = ``b_task − b_base`` (``b_task`` where the base has no bias).
+
+Writing a task into a slot happens once, when the task first joins a mixed batch (LRU over
+``max_slots`` slots; slots of the running batch and of pinned tasks are never reused). A batch then
+carries only the sample → slot index, and each module does gather + bmm + scatter
+(:func:`grft_serve.rowop.apply_mixed`) with no Python per task.
+
+Different k per module: a slot with ``0 < k < K`` repeats its first row in the padding positions (the
+same value is written twice, exactly), a slot with no rows on a module is marked invalid there and
+writes back the module's own output; padding columns have a zero delta and add exactly nothing. Per
+batch, the engine slices every table to the largest k among the slots present and skips the mask and
+the bias add when no present slot needs them (host-side numpy over [modules, slots]).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .rowop import ROW, MixedPlan
+
+__all__ = ["ModuleSlots", "SlotTables"]
+
+
+class ModuleSlots:
+    """The slot buffers of one patchable module (allocated when first needed, grown on demand)."""
+
+    def __init__(self, module: nn.Module, capacity: int):
+        self.module = module
+        self.capacity = capacity
+        W = module.weight
+        self.dtype, self.device = W.dtype, W.device
+        self.out, self.row_shape, self.col_rest = W.shape[0], tuple(W.shape[1:]), tuple(W.shape[2:])
+        self.row_idx = self.row_vals = self.row_bias = self.row_valid = None
+        self.col_idx = self.col_delta = None
+        self.bias_delta = None
+
+    # -- allocation -----------------------------------------------------------------------------
+    def _zeros(self, *shape, dtype=None):
+        return torch.zeros(shape, dtype=dtype or self.dtype, device=self.device)
+
+    def ensure_rows(self, k: int) -> bool:
+        """Room for ``k`` rows per slot; returns True when the buffers were reallocated."""
+        K = 0 if self.row_idx is None else self.row_idx.shape[1]
+        if k <= K:
+            return False
+        S = self.capacity
+        new = (self._zeros(S, k, dtype=torch.long), self._zeros(S, k, *self.row_shape), self._zeros(S, k),
+               self._zeros(S, k, dtype=torch.bool))
+        if K:  # new padding positions repeat each slot's first row (or stay invalid): exact
+            for n, o in zip(new, (self.row_idx, self.row_vals, self.row_bias, self.row_valid)):
+                n[:, :K] = o
+                n[:, K:] = o[:, :1]
+        self.row_idx, self.row_vals, self.row_bias, self.row_valid = new
+        return True
+
+    def ensure_cols(self, k: int) -> bool:
+        K = 0 if self.col_idx is None else self.col_idx.shape[1]
+        if k <= K:
+            return False
+        S = self.capacity
+        idx, delta = self._zeros(S, k, dtype=torch.long), self._zeros(S, self.out, k, *self.col_rest)
+        if K:
+            idx[:, :K] = self.col_idx
+            delta[:, :, :K] = self.col_delta
+        self.col_idx, self.col_delta = idx, delta
+        return True
+
+    def ensure_bias(self) -> bool:
+        if self.bias_delta is not None:
+            return False
+        self.bias_delta = self._zeros(self.capacity, self.out)
+        return True
+
+    def grow(self, capacity: int) -> None:
+        """More slots (existing slots keep their contents)."""
+        for name in ("row_idx", "row_vals", "row_bias", "row_valid", "col_idx", "col_delta", "bias_delta"):
+            t = getattr(self, name)
+            if t is not None:
+                n = torch.zeros((capacity, *t.shape[1:]), dtype=t.dtype, device=t.device)
+                n[: t.shape[0]] = t
+                setattr(self, name, n)
+        self.capacity = capacity
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.row_idx, self.row_vals, self.row_bias,
+                                                          self.row_valid, self.col_idx, self.col_delta,
+                                                          self.bias_delta) if t is not None)
+
+    # -- writes ---------------------------------------------------------------------------------
+    def set_rows(self, s: int, idx: torch.Tensor, vals: torch.Tensor, sel_bias: torch.Tensor) -> None:
+        K = self.row_idx.shape[1]
+        k = idx.numel()
+        sel = _pad_index(k, K, idx.device)
+        self.row_idx[s] = idx.index_select(0, sel)
+        self.row_vals[s] = vals.index_select(0, sel)
+        self.row_bias[s] = sel_bias.to(self.dtype).index_select(0, sel)
+        self.row_valid[s] = True
+
+    def set_cols(self, s: int, idx: torch.Tensor, delta: torch.Tensor) -> None:
+        k = idx.numel()
+        self.col_idx[s].zero_()
+        self.col_idx[s, :k] = idx
+        self.col_delta[s].zero_()
+        self.col_delta[s, :, :k] = delta
+
+    def reset(self, s: int, rows: bool, cols: bool, bias: bool) -> None:
+        """Forget what slot ``s`` held (rows become invalid; columns and bias zero)."""
+        if rows and self.row_valid is not None:
+            self.row_valid[s] = False
+        if cols and self.col_idx is not None:
+            self.col_idx[s].zero_()
+            self.col_delta[s].zero_()
+        if bias and self.bias_delta is not None:
+            self.bias_delta[s].zero_()
+
+
+_PAD_CACHE: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+
+def _pad_index(k: int, K: int, device: torch.device) -> torch.Tensor:
+    """``[0, 1, …, k-1, 0, 0, …]`` of length K: a slot's rows with its first row as padding."""
+    key = (k, K, device)
+    t = _PAD_CACHE.get(key)
+    if t is None:
+        t = _PAD_CACHE[key] = torch.cat([torch.arange(k), torch.zeros(K - k, dtype=torch.long)]).to(device)
+    return t
+
+
+class SlotTables:
+    """Slot buffers of every patchable module, the task → slot map (LRU) and per-batch planning.
+
+    ``base_bias(name)`` returns the module's pretrained bias or None (the engine's unpatched view).
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], base_bias, max_slots: int = 64, initial: int = 8):
+        self.names = list(modules)
+        self.index = {n: i for i, n in enumerate(self.names)}
+        self.max_slots = max(1, int(max_slots))
+        self.capacity = min(initial, self.max_slots)
+        self.tables = {n: ModuleSlots(m, self.capacity) for n, m in modules.items()}
+        self._base_bias = base_bias
+        M = len(self.names)
+        self.k_row = np.zeros((M, self.capacity), dtype=np.int32)
+        self.k_col = np.zeros((M, self.capacity), dtype=np.int32)
+        self.has_bias = np.zeros((M, self.capacity), dtype=bool)
+        self.owner: list[tuple[str, int] | None] = [None] * self.capacity  # (task id, upload gen)
+        self.lru: OrderedDict[str, int] = OrderedDict()  # task id -> slot
+        self.generation = 0  # bumps whenever a buffer is reallocated (captured graphs go stale)
+        self.loads = 0
+        self.evictions = 0
+
+    # -- assignment -----------------------------------------------------------------------------
+    def assign(self, task_ids: Sequence[str], residents: Sequence, protect: Iterable[str] = ()) -> tuple[list[int], int]:
+        """A slot for each (unique) task, writing the tasks not already there; returns (slots, loads).
+        Slots of ``task_ids`` and ``protect`` are not reused for this call."""
+        keep = set(task_ids) | set(protect)
+        out, loads = [], 0
+        for tid, r in zip(task_ids, residents):
+            s = self.lru.get(tid)
+            if s is not None and self.owner[s] == (tid, r.gen):
+                self.lru.move_to_end(tid)
+                out.append(s)
+                continue
+            if s is None:
+                s = self._free_slot(keep)
+            self._load(s, tid, r)
+            loads += 1
+            out.append(s)
+        self.loads += loads
+        return out, loads
+
+    def release(self, task_id: str) -> None:
+        """Forget ``task_id``'s slot (unregistered or replaced)."""
+        s = self.lru.pop(task_id, None)
+        if s is not None:
+            self._clear(s)
+            self.owner[s] = None
+
+    def slot_of(self, task_id: str) -> int | None:
+        return self.lru.get(task_id)
+
+    def _free_slot(self, keep: set) -> int:
+        for s, o in enumerate(self.owner):
+            if o is None:
+                return s
+        if self.capacity < self.max_slots:
+            self._grow(min(2 * self.capacity, self.max_slots))
+            return self._free_slot(keep)
+        for tid, s in self.lru.items():
+            if tid not in keep:
+                del self.lru[tid]
+                self._clear(s)
+                self.owner[s] = None
+                self.evictions += 1
+                return s
+        self._grow(2 * self.capacity)  # every slot is in this batch or pinned: more slots
+        return self._free_slot(keep)
+
+    def _grow(self, capacity: int) -> None:
+        pad = capacity - self.capacity
+        for t in self.tables.values():
+            t.grow(capacity)
+        self.k_row = np.pad(self.k_row, ((0, 0), (0, pad)))
+        self.k_col = np.pad(self.k_col, ((0, 0), (0, pad)))
+        self.has_bias = np.pad(self.has_bias, ((0, 0), (0, pad)))
+        self.owner += [None] * pad
+        self.capacity = capacity
+        self.generation += 1
+
+    def _clear(self, s: int) -> None:
+        for i in np.flatnonzero((self.k_row[:, s] > 0) | (self.k_col[:, s] > 0) | self.has_bias[:, s]):
+            self.tables[self.names[i]].reset(s, bool(self.k_row[i, s]), bool(self.k_col[i, s]),
+                                             bool(self.has_bias[i, s]))
+        self.k_row[:, s] = 0
+        self.k_col[:, s] = 0
+        self.has_bias[:, s] = False
+
+    def _load(self, s: int, tid: str, r) -> None:
+        """Write resident task ``r``'s rows/columns/biases into slot ``s`` of every module."""
+        self._clear(s)
+        for name, d in r.deltas():
+            i, t = self.index[name], self.tables[name]
+            W = t.module.weight
+            base_b = self._base_bias(name)
+            if d.k and d.mode == ROW:
+                self.generation += t.ensure_rows(d.k)
+                b = d.bias if d.bias is not None else base_b
+                sel = b.index_select(0, d.indices) if b is not None else torch.zeros(d.k, dtype=t.dtype,
+                                                                                   device=t.device)
+                t.set_rows(s, d.indices, d.values, sel)
+                self.k_row[i, s] = d.k
+            elif d.k:
+                self.generation += t.ensure_cols(d.k)
+                delta = (d.values.float() - W.index_select(1, d.indices).float()).to(t.dtype)
+                t.set_cols(s, d.indices, delta)
+                self.k_col[i, s] = d.k
+            if d.bias is not None:
+                self.generation += t.ensure_bias()
+                bd = d.bias.float() - base_b.float() if base_b is not None else d.bias
+                t.bias_delta[s] = bd.to(t.dtype)
+                self.has_bias[i, s] = True
+        self.owner[s] = (tid, r.gen)
+        self.lru[tid] = s
+        self.lru.move_to_end(tid)
+
+    # -- per batch ------------------------------------------------------------------------------
+    def plan(self, slots: Sequence[int], sample_slot: torch.Tensor, static: bool = False) -> dict[str, MixedPlan]:
+        """Per-module :class:`MixedPlan` for a batch over ``slots`` (modules no present task touches
+        are left out, so their hooks stay idle). ``static``: use whole tables and always mask / add
+        the bias (one plan that is valid for any batch, for captured graphs)."""
+        present = np.asarray(slots)
+        kr = self.k_row[:, present].max(1)
+        kc = self.k_col[:, present].max(1)
+        hb = self.has_bias[:, present].any(1)
+        mask = (kr > 0) & (self.k_row[:, present] == 0).any(1)
+        plans = {}
+        for name, r, c, b, m in zip(self.names, kr.tolist(), kc.tolist(), hb.tolist(), mask.tolist()):
+            t = self.tables[name]
+            if static:
+                r = 0 if t.row_idx is None else t.row_idx.shape[1]
+                c = 0 if t.col_idx is None else t.col_idx.shape[1]
+                b, m = t.bias_delta is not None, r > 0
+            if r or c or b:
+                plans[name] = MixedPlan(t, sample_slot, r, c, m, b)
+        return plans
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes() for t in self.tables.values())
+
+    def stats(self) -> dict:
+        return {"slots": self.capacity, "slots_used": len(self.lru), "max_slots": self.max_slots,
+                "slot_loads": self.loads, "slot_evictions": self.evictions, "slot_bytes": self.nbytes()}
