@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install test test-fast demo bench bench-smoke accuracy clean assets-data
+.PHONY: install test test-fast demo bench bench-smoke bench-serve accuracy clean assets-data
 
 install: $(STAMP)
 
@@ -46,6 +46,10 @@ bench-smoke: install
 
 bench: install
 	$(BIN)/python -m bench.engine
+
+# end-to-end HTTP: grft-serve vs a plain one-model Ray Serve app, same run (ARGS="--smoke", "--config ...")
+bench-serve: install
+	$(BIN)/python -m bench.serve $(ARGS)
 
 accuracy: install
 	$(BIN)/python -m bench.accuracy

@@ -1,0 +1,119 @@
+"""bench/serve.py: the load generator's accounting over real HTTP, and a smoke run of both apps."""
+import json
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {"bench", "system", "scenario", "inputs_per_request", "tasks_per_request", "requests", "inputs",
+        "inputs_per_s", "p50_ms", "p99_ms", "errors", "errors_total", "clients", "seconds", "model", "device",
+        "dtype", "replicas", "num_cpus", "agree"}
+
+
+def _bench():
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import bench.serve
+
+    return bench.serve
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+
+def _serve(fail_every: int):
+    """A real HTTP server answering one prediction per input, and HTTP 503 on every ``fail_every``-th call."""
+    seen = {"n": 0}
+    lock = threading.Lock()
+
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with lock:
+                seen["n"] += 1
+                fail = fail_every and seen["n"] % fail_every == 0
+            out = b'{"error": {"code": "busy", "message": "no"}}' if fail else json.dumps(
+                {"predictions": [{"label": "a", "batch_size": 4} for _ in body["inputs"]]}).encode()
+            self.send_response(503 if fail else 200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+    srv = _Server(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, seen
+
+
+@pytest.mark.timeout(60)
+def test_window_counts_inputs_latency_and_errors_over_http():
+    b = _bench()
+    srv, seen = _serve(fail_every=3)
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/predict"
+        bodies = [json.dumps({"inputs": ["x", "y"], "top_k": 1}).encode()]
+        res = b.run_window(url, bodies, 2, clients=3, warmup_s=0.2, seconds=0.6, max_requests=10_000, timeout_s=5)
+    finally:
+        srv.shutdown()
+    assert res["requests"] > 0 and res["errors"] > 0 and res["stuck_clients"] == 0
+    assert res["inputs"] == 2 * res["requests"]
+    assert res["inputs_per_s"] == pytest.approx(res["inputs"] / 0.6)
+    assert 0 < res["p50_ms"] <= res["p99_ms"]
+    assert res["errors_total"] >= res["errors"]
+    # every 3rd call fails, and every call ends in the record (warm-up and drain included)
+    assert res["errors_total"] == seen["n"] // 3
+    assert res["mean_batch_size"] == pytest.approx(4.0)
+    assert any("HTTP 503" in f for f in res["failures"])
+
+
+@pytest.mark.timeout(60)
+def test_window_is_bounded_by_count_and_rejects_bad_options():
+    b = _bench()
+    srv, seen = _serve(fail_every=0)
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/predict"
+        res = b.run_window(url, [b'{"inputs": ["x"]}'], 1, clients=4, warmup_s=0.0, seconds=1.0, max_requests=7,
+                           timeout_s=5)
+    finally:
+        srv.shutdown()
+    assert seen["n"] == 7 and res["requests"] <= 7 and res["errors_total"] == 0
+    for bad in (["--only", "nope"], ["--clients", "0"], ["--seconds", "-1"]):
+        with pytest.raises(SystemExit):
+            b.parse_args(bad)
+    a = b.parse_args(["--only", "mixed"])
+    assert a.only == ["mixed"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_smoke_run_reports_both_apps_with_ratios_and_no_errors(tmp_path):
+    out = tmp_path / "serve.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "bench.serve", "--smoke", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=580)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    recs = [json.loads(x) for x in out.read_text().splitlines() if x.strip()]
+    assert {(r["system"], r["scenario"]) for r in recs} == {
+        ("plain", "single"), ("grft", "single"), ("plain", "batch"), ("grft", "batch"), ("grft", "mixed")}
+    plain = {r["scenario"]: r for r in recs if r["system"] == "plain"}
+    for r in recs:
+        assert KEYS <= r.keys(), r
+        assert r["errors"] == 0 and r["errors_total"] == 0 and r["stuck_clients"] == 0, r["failures"]
+        assert r["requests"] > 0 and r["inputs"] == r["requests"] * r["inputs_per_request"]
+        assert 0 < r["p50_ms"] <= r["p99_ms"]
+        assert r["agree"] == 1.0  # the plain model is task 0 merged: same answers
+        assert r["inputs_per_request"] == (1 if r["scenario"] == "single" else 16)
+        if r["system"] == "grft":
+            base = plain[r["baseline"].split("/")[1]]
+            assert r["ratio_inputs_per_s"] == pytest.approx(r["inputs_per_s"] / base["inputs_per_s"])
+            assert r["ratio_p50"] == pytest.approx(r["p50_ms"] / base["p50_ms"])
+    assert {r["tasks_per_request"] for r in recs if r["scenario"] == "mixed"} == {16}
+    assert plain["batch"]["inputs_per_request"] == 16
+    assert "inputs/s ratio" in proc.stdout  # the table (JSON lines went to the file)
