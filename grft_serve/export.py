@@ -34,7 +34,9 @@ class MergedTask(nn.Module):
                 vals = d.values.to(device=w.device, dtype=w.dtype)
                 idx = d.indices.to(w.device)
                 w.index_copy_(0 if d.mode == ROW else 1, idx, vals)
-                if d.bias is not None:
+                if d.bias is not None and mods[name].bias is None:  # a task bias on a bias-free module
+                    mods[name].bias = nn.Parameter(d.bias.to(device=w.device, dtype=w.dtype), requires_grad=False)
+                elif d.bias is not None:
                     mods[name].bias.copy_(d.bias.to(mods[name].bias))
         self.backbone = bb.requires_grad_(False)
         self.head = nn.Linear(pkg.head_weight.shape[1], pkg.head_weight.shape[0])

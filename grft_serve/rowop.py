@@ -74,17 +74,19 @@ def _group_channels(module: nn.Conv2d, out_idx: torch.Tensor) -> torch.Tensor:
 
 
 def _set(y: torch.Tensor, dim: int, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    src = src.to(y.dtype)  # autocast may compute the override in another dtype than y
-    if torch.is_grad_enabled() and (y.requires_grad or src.requires_grad):
-        return y.index_copy(dim, idx, src)
-    return y.index_copy_(dim, idx, src)
+    """``y[..., idx, ...] = src`` along ``dim``, in place, also under autograd.
+
+    ``y`` is a frozen layer's fresh output that no autograd node has saved (linear and conv keep
+    their inputs, not their outputs), so writing into it is safe: autograd records the in-place
+    ``index_copy_`` and its backward hands ``src`` the gradient of the written slices and the
+    frozen output the gradient with those slices zeroed. No copy of the whole output is made in
+    the forward (an out-of-place ``index_copy`` would copy it once per patched layer and step)."""
+    return y.index_copy_(dim, idx, src.to(y.dtype))  # autocast may compute src in another dtype
 
 
 def _add(y: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    d = d.to(y.dtype)
-    if torch.is_grad_enabled() and (y.requires_grad or d.requires_grad):
-        return y + d
-    return y.add_(d)
+    """``y += d`` in place (autograd routes the unchanged gradient to both; see :func:`_set`)."""
+    return y.add_(d.to(y.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,6 +108,8 @@ def apply_delta(module: nn.Module, x: torch.Tensor, y: torch.Tensor, d: ModuleDe
         if is_conv:
             return _add(y, _conv(module, x.index_select(1, idx), delta, None, 1))
         return _add(y, F.linear(x.index_select(-1, idx), delta))
+    if torch.is_grad_enabled() and d.values.requires_grad:
+        return _add_rows(module, x, y, d)
     b_sel = bias.index_select(0, idx) if bias is not None else None
     if not is_conv:
         return _set(y, y.dim() - 1, idx, F.linear(x, d.values, b_sel))
@@ -114,6 +118,26 @@ def apply_delta(module: nn.Module, x: torch.Tensor, y: torch.Tensor, d: ModuleDe
     else:
         y_sel = _conv(module, x.index_select(1, _group_channels(module, idx)), d.values, b_sel, d.k)
     return _set(y, 1, idx, y_sel)
+
+
+def _add_rows(module: nn.Module, x: torch.Tensor, y: torch.Tensor, d: ModuleDelta) -> torch.Tensor:
+    """Training form of the row op: ``y[..., idx] += x (R − W[idx])ᵀ``, in place.
+
+    The same function of ``R`` as writing ``x Rᵀ + b[idx]`` into the selected outputs (``y``
+    already holds ``x W[idx]ᵀ`` plus the task's bias there), but its backward needs no copy at all:
+    the frozen output's gradient passes through unchanged and ``R`` receives the selected slices of
+    it, so the input gradient is ``g W + g[idx] (R − W[idx])`` — the patched layer's. Results match
+    the override form up to float rounding; inference and serving use the override form, which is
+    bit-exact against merged weights."""
+    idx = d.indices
+    diff = d.values - module.weight.index_select(0, idx).to(d.values.dtype)
+    if not isinstance(module, nn.Conv2d):
+        return y.index_add_(y.dim() - 1, idx, F.linear(x, diff).to(y.dtype))
+    if module.groups == 1:
+        y_sel = _conv(module, x, diff, None, 1)
+    else:
+        y_sel = _conv(module, x.index_select(1, _group_channels(module, idx)), diff, None, d.k)
+    return y.index_add_(1, idx, y_sel.to(y.dtype))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -100,7 +100,21 @@ def select(
     typer.echo(json.dumps({"out": cfg.out, "mode": sel.mode, "modules": len(sel.indices),
                            "selected_values": m["selected_values"],
                            "selected_pct": round(100 * m["selected_fraction"], 4),
-                           "subset_losses": m["subset_losses"], "seconds": m["seconds"]}))
+                           "subset_losses": m["subset_losses"], "seconds": m["seconds"],
+                           "scl_batches": m["scl"]["batches"], "scl_views": m["scl"]["views"],
+                           "regularised": _regularised(sel, config, set_)}))
+
+
+def _regularised(sel, config, sets) -> dict:
+    """The regularised set R that `fit` (same run file) will use, over the layers select saw."""
+    from .config import FitConfig
+    from .select import regularised_summary
+
+    try:
+        f = load_config("fit", config, parse_set(sets))
+    except ConfigError:
+        f = FitConfig()
+    return regularised_summary(sel, f.l2_last_layers, f.l2_embed, f.l2_head)
 
 
 @app.command(epilog=_epilog("fit"))

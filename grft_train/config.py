@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from grft_serve.backbones import BackboneConfig
 
@@ -22,7 +22,7 @@ COMMANDS = ("select", "fit", "eval")
 BACKBONE_DOCS = {
     "type": "timm (any timm model) | hf (local transformers directory) | zoo (efficientnet_lite0, minilm, smollm2)",
     "name": "timm model name or zoo name",
-    "weights": "timm: local pretrained weights file",
+    "weights": "timm: local pretrained weights file (required), or `random` for a random init on purpose",
     "checkpoint": "timm: local checkpoint file",
     "path": "hf: local model directory",
     "pooling": "hf: mean | last token pooling",
@@ -73,11 +73,18 @@ class SelectConfig(_Common):
                                                                  "always excluded; norms/pos-embed/cls are not "
                                                                  "patchable anyway)")
     num_batches: int | None = Field(None, ge=1, description="batches of SCL gradients to accumulate "
-                                                            "(default: one pass over the chosen subset)")
+                                                            "(default: one full pass over the chosen subset, "
+                                                            "as GPS and GRFT do)")
     subsets: int = Field(1, ge=1, description="split the train data into n subsets, compute the SCL loss on "
                                              "each and select on the one with the lowest loss")
     temperature: float = Field(0.07, gt=0, description="SCL temperature")
     heatmap: bool = Field(True, description="write a PNG heat-map of the selected rows per layer")
+
+
+BIAS_DOCS = ("which backbone biases train: all (default, as the GRFT/GPS papers count their trainable "
+             "parameters: every patchable module's bias; modules without one get a zero-initialised bias, "
+             "for Conv->BatchNorm the same degree of freedom as the BN shift) | selected (only modules with "
+             "selected rows/columns that have a bias) | none")
 
 
 class FitConfig(_Common):
@@ -89,18 +96,31 @@ class FitConfig(_Common):
     package: str | None = Field(None, description="package path (default: <out_dir>/<task_id>.grft.safetensors)")
     epochs: int = Field(5, ge=1, description="training epochs")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (tests, demos)")
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate of the selected rows/biases")
-    head_lr: float | None = Field(None, gt=0, description="Adam learning rate of the head (default: lr)")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate of every trainable parameter (rows/columns, "
+                                              "biases and head: one learning rate, as the papers train)")
+    head_lr: float | None = Field(None, gt=0, description="optional separate Adam learning rate of the head "
+                                                         "(default: lr)")
     weight_decay: float = Field(0.0, ge=0, description="Adam weight decay (GPS/GRFT use 0; the L2 term is "
                                                        "the regulariser)")
     warmup_epochs: float = Field(0.5, ge=0, description="linear warm-up length (epochs), then cosine decay to 0")
     grad_accum: int = Field(1, ge=1, description="gradient accumulation steps per optimizer step")
     l2_lambda: float = Field(1e-4, ge=0, description="λ of λ·Σ‖θ − θ_pre‖² over the regularised layers")
-    l2_last_layers: int = Field(2, ge=-1, description="regularise modules in the last L blocks (-1: all "
-                                                      "blocks, 0: none)")
+    l2_last_layers: int = Field(2, ge=-1, description="regularise the modules of the last L layers (transformer "
+                                                      "blocks; CNN: blocks of every stage in order, then the "
+                                                      "final conv as the last layer; -1: all, 0: none)")
     l2_embed: bool = Field(True, description="regularise the patch/stem embedding")
     l2_head: bool = Field(True, description="regularise the head towards its initialisation")
-    tune_bias: bool = Field(True, description="also train the full bias of every selected module that has one")
+    bias: Literal["all", "selected", "none"] = Field("all", description=BIAS_DOCS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_tune_bias(cls, data: Any) -> Any:
+        """Run files of earlier releases: ``tune_bias: true|false`` meant ``bias: selected|none``."""
+        if isinstance(data, dict) and "tune_bias" in data:
+            data = dict(data)
+            legacy = data.pop("tune_bias")
+            data.setdefault("bias", "selected" if legacy else "none")
+        return data
     head_init: Literal["zero", "small"] = Field("small", description="head init: zero, or N(0, 0.01²) weights "
                                                                      "with zero bias")
     bf16: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")

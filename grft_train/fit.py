@@ -1,9 +1,21 @@
 """GRFT fine-tuning: only the selected rows/columns (+ biases + a new head) are parameters.
 
-loss = CE + λ·Σ_{regularised} ‖θ − θ_pre‖², regularised = modules of the last L blocks, the
-patch/stem embedding and the head (θ_pre of the head = its initialisation). Adam, linear warm-up then
-cosine decay, gradient accumulation, bf16 autocast on CUDA, validation every epoch with the best
-epoch kept. The frozen backbone is never modified: the trained values only live in the task package.
+loss = CE + λ·Σ_{l∈R} ‖θ_l − θ_l,pre‖², R = the modules of the last L layers, the stem / patch
+embedding and the head (θ_pre of the head = its initialisation; layers as in
+:mod:`grft_train.layers`). One Adam learning rate for every parameter (a separate head rate is
+optional), linear warm-up then cosine decay, gradient accumulation, bf16 autocast on CUDA,
+validation every epoch with the best epoch kept. The frozen backbone is never modified: the
+trained values only live in the task package.
+
+Biases (``fit.bias``): ``all`` trains the bias of every patchable module the forward uses, as the
+GRFT/GPS papers count their parameters — a module without a bias gets a zero-initialised one (after
+a convolution followed by batch norm it is the same degree of freedom as the norm's shift);
+``selected`` only those of modules with selected rows/columns; ``none``. Norms stay frozen.
+
+A step costs a forward plus a backward to the inputs of each layer: frozen weights get no weight
+gradient and no optimizer state, and the row op writes the trained rows into each layer's output in
+place. With nothing trainable in the backbone (an empty selection, ``bias: none``: a linear probe)
+the frozen features are computed once and only the head trains.
 
 Trainable-parameter percentage (``metrics.trainable_pct``) = (selected row/column values + tuned
 biases + head parameters) / total backbone parameters × 100.
@@ -25,13 +37,17 @@ from torch import nn
 
 from grft_serve.backbones import Backbone
 from grft_serve.package import PackageMeta, TaskPackage, save_package
+from grft_serve.base import iter_patchable
 from grft_serve.rowop import COLUMN, ModuleDelta
 
-from .common import (apply_threads, autocast_ctx, build_backbone, count_params, is_embed, load_data, module_block,
-                     resolve_device, seed_everything)
+from .common import (apply_threads, autocast_ctx, build_backbone, count_params, is_head, load_data, resolve_device,
+                     seed_everything)
 from .config import FitConfig
-from .data import DataSplits, SampleSet
+from .data import DataSplits
+from .layers import describe_regularised, regularised_modules
 from .model import TaskModel
+from .loader import Batches as Prepared
+from .prepared import FeatureSet, evaluate_prepared, train_augment
 from .select import Selection
 
 log = logging.getLogger("grft_train.fit")
@@ -49,49 +65,6 @@ class FitResult:
     package_path: Path | None  # None: the model cannot be packaged (a custom ``build_model``)
     metrics: dict[str, Any]
     labels: list[str]
-
-
-# ---------------------------------------------------------------------------------------------
-# data preparation
-# ---------------------------------------------------------------------------------------------
-class Prepared:
-    """A split ready for batching: image tensors preprocessed once (unless augmenting), text raw."""
-
-    def __init__(self, ds: SampleSet, backbone: Backbone, augment_tf=None, chunk: int = 256):
-        self.ds = ds
-        self.backbone = backbone
-        self.y = torch.tensor(ds.targets, dtype=torch.long)
-        self.augment_tf = augment_tf
-        self.x = None
-        if backbone.kind == "image" and augment_tf is None and len(ds):
-            parts = []
-            for s in range(0, len(ds), chunk):
-                parts.append(backbone.preprocess([ds[i][0] for i in range(s, min(s + chunk, len(ds)))]))
-            self.x = torch.cat(parts)
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def batches(self, bs: int, shuffle: bool = False, rng: np.random.Generator | None = None):
-        order = rng.permutation(len(self)) if shuffle else np.arange(len(self))
-        for s in range(0, len(order), bs):
-            idx = order[s:s + bs]
-            y = self.y[idx]
-            if self.x is not None:
-                yield self.x[torch.as_tensor(idx)], y
-            elif self.augment_tf is not None:
-                yield torch.stack([self.augment_tf(self.ds[int(i)][0]) for i in idx]), y
-            else:
-                yield self.backbone.preprocess([self.ds[int(i)][0] for i in idx]), y
-
-
-def _train_augment(backbone: Backbone):
-    from torchvision import transforms as T
-
-    dc = backbone.data_config
-    size = (int(dc["input_size"][-2]), int(dc["input_size"][-1]))
-    return T.Compose([T.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True), T.RandomHorizontalFlip(),
-                      T.ToTensor(), T.Normalize(dc["mean"], dc["std"])])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,30 +90,47 @@ def check_selection(sel: Selection, backbone: Backbone, spec=None) -> None:
             raise FitError(f"selection index out of range for {n!r} ({lim} {sel.mode}s)")
 
 
-def regularised_modules(names: list[str], all_names: list[str], last_layers: int, embed: bool) -> list[str]:
-    blocks = sorted({b for b in (module_block(n) for n in all_names) if b is not None})
-    if last_layers < 0:
-        keep_blocks = set(blocks)
-    else:
-        keep_blocks = set(blocks[len(blocks) - last_layers:]) if last_layers > 0 else set()
-    out = []
-    for n in names:
-        b = module_block(n)
-        if (b is not None and b in keep_blocks) or (embed and is_embed(n)) or (last_layers < 0 and b is None
-                                                                                 and not is_embed(n)):
-            out.append(n)
-    return out
+@torch.no_grad()
+def used_modules(backbone: Backbone, batch) -> list[str]:
+    """Patchable modules (heads excluded) that a forward of ``batch`` runs, in definition order.
+
+    Modules the forward never reaches (an unused BERT pooler, a causal-LM head) get no bias: a
+    parameter there would be counted as trainable and stored without ever changing an output."""
+    mods = [(n, m) for n, m in iter_patchable(backbone, backbone.exclude_from_patching()) if not is_head(n)]
+    ran: set[str] = set()
+    handles = [m.register_forward_hook(lambda mod, i, o, n=n: ran.add(n)) for n, m in mods]
+    try:
+        backbone(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return [n for n, _ in mods if n in ran]
 
 
-def build_task_model(backbone: Backbone, sel: Selection, n_classes: int, cfg: FitConfig) -> TaskModel:
+def build_task_model(backbone: Backbone, sel: Selection, n_classes: int, cfg: FitConfig,
+                     modules: list[str] | None = None) -> TaskModel:
+    """Trainable model: selected rows/columns of ``sel``, biases per ``cfg.bias`` and a new head.
+
+    ``modules``: the modules the forward uses (:func:`used_modules`), for ``bias: all``; without it
+    every patchable non-head module gets one. A module without a bias of its own gets a zero one."""
     dev = next(backbone.parameters()).device
-    values, biases = {}, {}
-    for n, idx in sel.indices.items():
+    if modules is None:
+        modules = [n for n, _ in iter_patchable(backbone, backbone.exclude_from_patching()) if not is_head(n)]
+    names = list(sel.indices)
+    if cfg.bias == "all":
+        names += [n for n in modules if n not in sel.indices]
+    indices, values, biases = {}, {}, {}
+    for n in names:
         mod = backbone.get_submodule(n)
         W = mod.weight.detach()
-        i = idx.to(W.device)
+        i = sel.indices.get(n, torch.zeros(0, dtype=torch.int64)).to(W.device)
+        indices[n] = i
         values[n] = (W.index_select(0, i) if sel.mode != COLUMN else W.index_select(1, i)).float()
-        biases[n] = mod.bias.detach().float() if (cfg.tune_bias and mod.bias is not None) else None
+        if cfg.bias == "none" or (cfg.bias == "selected" and mod.bias is None):
+            biases[n] = None
+        else:
+            biases[n] = (mod.bias.detach().float() if mod.bias is not None
+                         else torch.zeros(W.shape[0], dtype=torch.float32, device=W.device))
     g = torch.Generator().manual_seed(cfg.seed)
     head = nn.Linear(backbone.feature_dim, n_classes)
     with torch.no_grad():
@@ -149,35 +139,13 @@ def build_task_model(backbone: Backbone, sel: Selection, n_classes: int, cfg: Fi
         else:
             head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.01)
         head.bias.zero_()
-    return TaskModel(backbone, sel.mode, dict(sel.indices), values, biases, head.to(dev), trainable=True)
+    return TaskModel(backbone, sel.mode if sel.mode != "sparse" else "row", indices, values, biases,
+                     head.to(dev), trainable=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # loops
 # ---------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate_prepared(model: TaskModel, data: Prepared, device: torch.device, bs: int, bf16: bool = True,
-                      return_logits: bool = False):
-    model.eval()
-    tot_loss, correct, n = 0.0, 0, 0
-    all_logits = []
-    for batch, y in data.batches(bs):
-        batch = model.backbone.batch_to(batch, device)
-        y = y.to(device)
-        with autocast_ctx(device, bf16):
-            logits = model(batch)
-        logits = logits.float()
-        tot_loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-        n += len(y)
-        if return_logits:
-            all_logits.append(logits.cpu())
-    res = {"loss": tot_loss / max(n, 1), "acc": correct / max(n, 1), "n": n}
-    if return_logits:
-        res["logits"] = torch.cat(all_logits) if all_logits else torch.zeros(0)
-    return res
-
-
 def _lr_lambda(warmup: int, total: int):
     def f(step: int) -> float:
         if warmup > 0 and step < warmup:
@@ -191,10 +159,11 @@ def run_fit(cfg: FitConfig, backbone: Backbone | None = None, splits: DataSplits
             selection: Selection | None = None, build_model=None) -> FitResult:
     """Train a task and write its package (+ metrics.json, curves.png) to ``cfg.out_dir``.
 
-    An empty selection trains the head only (a linear probe). ``build_model(backbone, selection,
-    n_classes, cfg) -> TaskModel`` replaces :func:`build_task_model` (e.g. the GPS sparse baseline in
-    ``bench/accuracy.py``): the same loop trains it, the selection is not checked and no package is
-    written (``package_path`` None)."""
+    An empty selection with ``bias: none`` trains the head only (a linear probe): the frozen
+    features are then computed once and the head trains on them. ``build_model(backbone, selection,
+    n_classes, cfg) -> TaskModel`` replaces :func:`build_task_model` (the GPS, LoRA and full
+    fine-tuning baselines of ``bench/accuracy.py``): the same loop trains it (every parameter with
+    ``requires_grad``), the selection is not checked and no package is written (``package_path`` None)."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
@@ -212,25 +181,38 @@ def run_fit(cfg: FitConfig, backbone: Backbone | None = None, splits: DataSplits
     if sel.meta.get("labels") and sel.meta["labels"] != splits.labels:
         log.warning("selection was computed with labels %s; training with %s", sel.meta["labels"], splits.labels)
 
-    model = (build_model or build_task_model)(backbone, sel, len(splits.labels), cfg)
-    reg = set(regularised_modules(model.names, list(spec.modules), cfg.l2_last_layers, cfg.l2_embed))
+    aug = train_augment(backbone) if (cfg.augment and backbone.kind == "image") else None
+    prep_t = time.time()
+    train = Prepared(splits.train, backbone, aug)
+    val = Prepared(splits.val, backbone)
+    test = Prepared(splits.test, backbone)
+    if len(train) == 0:
+        raise FitError("the train split is empty")
+    probe = backbone.batch_to(backbone.preprocess([splits.train[0][0]]), device)
+    used = used_modules(backbone, probe)
+    prep_s = time.time() - prep_t
+
+    if build_model is None:
+        model = build_task_model(backbone, sel, len(splits.labels), cfg, modules=used)
+    else:
+        model = build_model(backbone, sel, len(splits.labels), cfg)
+    reg = set(regularised_modules(model.names, used, cfg.l2_last_layers, cfg.l2_embed))
     pre_vals = {n: model.value(n).detach().clone() for n in reg}
     pre_bias = {n: model.bias(n).detach().clone() for n in reg if model.bias(n) is not None}
     head_w0, head_b0 = model.head.weight.detach().clone(), model.head.bias.detach().clone()
 
     head_params = list(model.head.parameters())
-    row_params = list(model.values.values()) + list(model.biases.values())
-    groups = [{"params": row_params, "lr": cfg.lr}, {"params": head_params, "lr": cfg.head_lr or cfg.lr}]
+    body_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
+    groups = [{"params": body_params, "lr": cfg.lr}, {"params": head_params, "lr": cfg.head_lr or cfg.lr}]
     opt = torch.optim.Adam([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
 
-    aug = _train_augment(backbone) if (cfg.augment and backbone.kind == "image") else None
-    prep_t = time.time()
-    train = Prepared(splits.train, backbone, aug)
-    val = Prepared(splits.val, backbone)
-    test = Prepared(splits.test, backbone)
-    prep_s = time.time() - prep_t
-    if len(train) == 0:
-        raise FitError("the train split is empty")
+    n_body = sum(p.numel() for p in body_params)
+    head_only = n_body == 0 and aug is None
+    forward = model.head if head_only else model
+    if head_only:  # linear probe: the frozen backbone gives the same features every epoch
+        feat_t = time.time()
+        train, val, test = (FeatureSet.compute(d, backbone, device, cfg.batch_size, cfg.bf16) for d in (train, val, test))
+        prep_s += time.time() - feat_t
 
     n_batches = math.ceil(len(train) / cfg.batch_size)
     steps_per_epoch = max(1, math.ceil(n_batches / cfg.grad_accum))
@@ -240,11 +222,11 @@ def run_fit(cfg: FitConfig, backbone: Backbone | None = None, splits: DataSplits
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(warmup, total_steps), total_steps))
 
-    n_values = sum(v.numel() for v in model.values.values())
     n_bias = sum(b.numel() for b in model.biases.values())
+    n_values = n_body - n_bias
     n_head = sum(p.numel() for p in head_params)
     total_backbone = count_params(backbone)
-    trainable = n_values + n_bias + n_head
+    trainable = n_body + n_head
 
     def l2_term() -> torch.Tensor:
         r = torch.zeros((), device=device)
@@ -261,17 +243,19 @@ def run_fit(cfg: FitConfig, backbone: Backbone | None = None, splits: DataSplits
     best = {"score": None, "epoch": -1, "state": None}
     step = 0
     done = False
+    step_s = eval_s = step_cpu = 0.0
     for epoch in range(cfg.epochs):
         model.train()
         ep_loss, ep_ce, ep_correct, ep_n = 0.0, 0.0, 0, 0
         bar = tqdm(total=n_batches, desc=f"fit {cfg.task_id} epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not cfg.progress, leave=False)
+                   disable=None if cfg.progress else True, leave=False)
         opt.zero_grad(set_to_none=True)
+        t_ep, c_ep = time.time(), time.process_time()
         for b, (batch, y) in enumerate(train.batches(cfg.batch_size, shuffle=True, rng=rng)):
             batch = backbone.batch_to(batch, device)
             y = y.to(device)
             with autocast_ctx(device, cfg.bf16):
-                logits = model(batch)
+                logits = forward(batch)
             ce = F.cross_entropy(logits.float(), y)
             reg_loss = l2_term() * cfg.l2_lambda if cfg.l2_lambda > 0 else torch.zeros((), device=device)
             loss = ce + reg_loss
@@ -292,18 +276,22 @@ def run_fit(cfg: FitConfig, backbone: Backbone | None = None, splits: DataSplits
                 done = True
                 break
         bar.close()
+        step_s += time.time() - t_ep
+        step_cpu += time.process_time() - c_ep
         rec = {"epoch": epoch + 1, "step": step, "train_loss": ep_loss / max(ep_n, 1),
                "train_ce": ep_ce / max(ep_n, 1), "train_acc": ep_correct / max(ep_n, 1),
                "lr": opt.param_groups[0]["lr"]}
         last = done or epoch + 1 == cfg.epochs
+        t_ev = time.time()
         if len(val) and ((epoch + 1) % cfg.eval_every == 0 or last):
-            v = evaluate_prepared(model, val, device, cfg.batch_size, cfg.bf16)
+            v = evaluate_prepared(forward, val, device, cfg.batch_size, cfg.bf16)
             rec.update(val_loss=v["loss"], val_acc=v["acc"])
             score = (v["acc"], -v["loss"])
             if best["score"] is None or score > best["score"]:
                 best = {"score": score, "epoch": epoch + 1, "state": _snapshot(model)}
         elif not len(val):
             best = {"score": None, "epoch": epoch + 1, "state": _snapshot(model)}
+        eval_s += time.time() - t_ev
         history.append(rec)
         msg = (f"epoch {epoch + 1}: loss {rec['train_loss']:.4f} acc {rec['train_acc']:.3f}"
                + (f" | val loss {rec['val_loss']:.4f} acc {rec['val_acc']:.3f}" if "val_acc" in rec else ""))
@@ -314,8 +302,12 @@ def run_fit(cfg: FitConfig, backbone: Backbone | None = None, splits: DataSplits
             break
     if best["state"] is not None:
         _restore(model, best["state"])
-    test_res = evaluate_prepared(model, test, device, cfg.batch_size, cfg.bf16) if len(test) else {}
-    val_res = evaluate_prepared(model, val, device, cfg.batch_size, cfg.bf16) if len(val) else {}
+    log.info("kept epoch %d of %d%s", best["epoch"], len(history),
+             f" (best val acc {best['score'][0]:.3f})" if best["score"] is not None else " (no val split: the last)")
+    t_ev = time.time()
+    test_res = evaluate_prepared(forward, test, device, cfg.batch_size, cfg.bf16) if len(test) else {}
+    val_res = evaluate_prepared(forward, val, device, cfg.batch_size, cfg.bf16) if len(val) else {}
+    eval_s += time.time() - t_ev
 
     metrics = {
         "test_acc": test_res.get("acc"), "test_loss": test_res.get("loss"), "n_test": test_res.get("n", 0),
@@ -323,9 +315,11 @@ def run_fit(cfg: FitConfig, backbone: Backbone | None = None, splits: DataSplits
         "trainable_params": trainable, "trainable_values": n_values, "trainable_biases": n_bias,
         "head_params": n_head, "backbone_params": total_backbone,
         "trainable_pct": 100.0 * trainable / total_backbone,
-        "trainable_pct_definition": TRAINABLE_DEF,
+        "trainable_pct_definition": TRAINABLE_DEF, "bias": cfg.bias,
         "n_train": len(train), "n_val": len(val), "train_seconds": round(time.time() - t0, 2),
-        "preprocess_seconds": round(prep_s, 2), "device": str(device),
+        "step_seconds": round(step_s, 2), "step_cpu_seconds": round(step_cpu, 2), "eval_seconds": round(eval_s, 2),
+        "preprocess_seconds": round(prep_s, 2), "device": str(device), "head_only": head_only,
+        "regularised": describe_regularised(used, cfg.l2_last_layers, cfg.l2_embed, cfg.l2_head),
         "regularised_modules": sorted(reg), "history": history,
     }
     out_dir = Path(cfg.out_dir)
@@ -363,7 +357,7 @@ def make_package(model: TaskModel, sel: Selection, spec, backbone: Backbone, lab
         deltas[n] = ModuleDelta(mode=sel.mode, indices=model.indices(n).detach().cpu(),
                                 values=model.value(n).detach().float().cpu(),
                                 bias=b.detach().float().cpu() if b is not None else None)
-    ks = {n: int(d.indices.numel()) for n, d in deltas.items()}
+    ks = {n: int(d.indices.numel()) for n, d in deltas.items() if d.indices.numel()}  # bias-only: k=0
     k_meta: int | dict[str, int] = (ks[next(iter(ks))] if len(set(ks.values())) == 1 else ks) if ks else 0
     pkg_metrics = {k: v for k, v in metrics.items() if k not in ("history", "regularised_modules")}
     meta = PackageMeta(task_id=cfg.task_id, base_model_id=spec.model_id, base_fingerprint=spec.fingerprint,

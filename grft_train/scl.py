@@ -2,10 +2,15 @@
 
 Features are L2-normalised, temperature 0.07. Image views: GPS augmentations (RandomResizedCrop
 0.08–1, horizontal flip, ColorJitter 0.4/0.4/0.4/0.1 with p=0.8, grayscale p=0.2) at the backbone's
-input size; text views: two forward passes with dropout on.
+input size. Text views: two forward passes with dropout on when the backbone has active dropout
+(BERT-style encoders, as SimCSE); a backbone without any (LLaMA / SmolLM2: every dropout rate is 0)
+would give two identical views, so each view then deletes one random span of tokens instead
+(token cutoff): ``⌈ratio·n⌉`` consecutive tokens of the ``n`` real ones, never the first or the
+last (special / pooled tokens), the rest shifted left and re-padded.
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Any, Sequence
 
@@ -14,6 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 DEFAULT_TEMPERATURE = 0.07
+SPAN_RATIO = 0.15
+
+__all__ = ["SCLViews", "dropout_mode", "gps_transform", "has_active_dropout", "span_deletion", "supcon_loss"]
 
 
 def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = DEFAULT_TEMPERATURE,
@@ -89,15 +97,69 @@ def dropout_mode(module: nn.Module):
             m.train(t)
 
 
-class SCLViews:
-    """Makes SCL features ``[B, 2, D]`` for raw inputs with a given backbone."""
+def has_active_dropout(module: nn.Module) -> bool:
+    """Whether train mode would make ``module``'s forward random: a dropout layer with p > 0, or a
+    transformers config whose attention dropout (applied functionally, without a module) is > 0."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return True
+        cfg = getattr(m, "config", None)
+        for key in ("attention_dropout", "attention_probs_dropout_prob", "hidden_dropout_prob", "dropout"):
+            v = getattr(cfg, key, None) if cfg is not None else None
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+                return True
+    return False
 
-    def __init__(self, backbone, n_views: int = 2):
+
+def span_deletion(batch: dict, ratio: float = SPAN_RATIO, pad_id: int = 0,
+                  generator: torch.Generator | None = None) -> dict:
+    """A view of a right-padded token batch with one random span deleted per sequence.
+
+    Of the ``n`` real tokens of a row, ``⌈ratio·n⌉`` consecutive ones are removed, chosen among
+    positions 1 … n−2 so the first and last tokens (CLS/BOS, SEP/EOS, the token last-token pooling
+    reads) stay; rows with fewer than 4 tokens are left as they are. Kept tokens are shifted left,
+    the row is re-padded with ``pad_id`` and the attention mask shortened to match."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    B, T = ids.shape
+    lengths = mask.sum(1)
+    keep = mask.bool().clone()
+    for r in range(B):
+        n = int(lengths[r])
+        if n < 4:
+            continue
+        span = min(max(1, math.ceil(ratio * n)), n - 2)
+        start = 1 + int(torch.randint(0, n - 1 - span, (1,), generator=generator))
+        keep[r, start:start + span] = False
+    # stable order: kept tokens first (in their order), then everything else as padding
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    new_len = keep.sum(1, keepdim=True)
+    pos = torch.arange(T, device=ids.device).unsqueeze(0)
+    new_mask = (pos < new_len).to(mask.dtype)
+    new_ids = torch.where(new_mask.bool(), ids.gather(1, order), torch.full_like(ids, pad_id))
+    out = dict(batch, input_ids=new_ids, attention_mask=new_mask)
+    width = int(new_len.max()) if B else T
+    return {k: (v[:, :width] if torch.is_tensor(v) and v.dim() == 2 and v.shape[1] == T else v)
+            for k, v in out.items()}
+
+
+class SCLViews:
+    """Makes SCL features ``[B, 2, D]`` for raw inputs with a given backbone.
+
+    ``method`` says how the views differ: ``augment`` (image transforms), ``dropout`` or ``span``
+    (token span deletion, for text backbones without active dropout)."""
+
+    def __init__(self, backbone, n_views: int = 2, span_ratio: float = SPAN_RATIO):
         self.backbone = backbone
         self.n_views = n_views
+        self.span_ratio = span_ratio
         self._tf = None
         if backbone.kind == "image":
             self._tf = gps_transform(getattr(backbone, "data_config", {}) or {})
+            self.method = "augment"
+        elif backbone.kind == "text" and not has_active_dropout(backbone):
+            self.method = "span"
+        else:
+            self.method = "dropout"
 
     def features(self, raws: Sequence[Any], device, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
         bb = self.backbone
@@ -120,6 +182,13 @@ class SCLViews:
             return f.float().view(self.n_views, B, -1).transpose(0, 1)
         batch = bb.batch_to(bb.preprocess(list(raws)), device)
         outs = []
+        if self.method == "span":
+            tok = getattr(bb, "tokenizer", None)
+            pad = int(getattr(tok, "pad_token_id", None) or 0)
+            for _ in range(self.n_views):
+                with ctx():
+                    outs.append(bb(span_deletion(batch, self.span_ratio, pad)).float())
+            return torch.stack(outs, dim=1)
         with dropout_mode(bb):
             for _ in range(self.n_views):
                 with ctx():

@@ -33,6 +33,7 @@ from .common import (apply_threads, build_backbone, count_params, is_embed, is_h
                      resolve_device, seed_everything)
 from .config import SelectConfig
 from .data import SampleSet
+from .layers import describe_regularised
 from .scl import SCLViews, supcon_loss
 
 log = logging.getLogger("grft_train.select")
@@ -230,7 +231,9 @@ def subset_losses(backbone: Backbone, views: SCLViews, subsets: list[SampleSet],
 
 def accumulate_grads(backbone: Backbone, modules: list[tuple[str, nn.Module]], ds: SampleSet,
                      cfg: SelectConfig, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
-    """SCL gradients w.r.t. the weights of ``modules`` accumulated over the batches of ``ds``.
+    """SCL gradients w.r.t. the weights of ``modules`` accumulated over the batches of ``ds``
+    (one full pass unless ``cfg.num_batches`` caps it), streamed: each batch's graph is freed by its
+    backward, so memory holds one batch's activations plus one gradient per weight.
 
     Weights are only marked ``requires_grad`` for the duration; they are never written."""
     views = SCLViews(backbone)
@@ -239,6 +242,7 @@ def accumulate_grads(backbone: Backbone, modules: list[tuple[str, nn.Module]], d
         w.grad = None
         w.requires_grad_(True)
     losses = []
+    seen = 0
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     try:
@@ -247,14 +251,15 @@ def accumulate_grads(backbone: Backbone, modules: list[tuple[str, nn.Module]], d
         n_batches = math.ceil(len(ds) / cfg.batch_size)
         if cfg.num_batches is not None:
             n_batches = min(n_batches, cfg.num_batches)
-        bar = tqdm(total=n_batches, desc="select (SCL grads)", disable=not cfg.progress, leave=False)
+        bar = tqdm(total=n_batches, desc="select (SCL grads)", disable=None if cfg.progress else True, leave=False)
         for b, (raws, y) in enumerate(iter_batches(ds, cfg.batch_size, shuffle=True, generator=rng)):
             if b >= n_batches:
                 break
             loss = supcon_loss(views.features(raws, device), y.to(device), cfg.temperature)
             if loss.requires_grad:
-                loss.backward()
+                loss.backward()  # adds into .grad and frees this batch's graph: one batch alive at a time
             losses.append(float(loss.detach()))
+            seen += len(raws)
             bar.update(1)
             bar.set_postfix(scl=f"{losses[-1]:.3f}")
         bar.close()
@@ -266,7 +271,7 @@ def accumulate_grads(backbone: Backbone, modules: list[tuple[str, nn.Module]], d
         for w in weights:
             w.grad = None
             w.requires_grad_(False)
-    return grads, {"scl_losses": losses, "batches": len(losses)}
+    return grads, {"scl_losses": losses, "batches": len(losses), "samples": seen, "views": views.method}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,6 +351,13 @@ def run_select(cfg: SelectConfig, backbone: Backbone | None = None, splits=None)
         except Exception as e:  # noqa: BLE001 - the plot is a convenience
             log.warning("heat-map failed: %s", e)
     return sel
+
+
+def regularised_summary(sel: Selection, last_layers: int, embed: bool = True, head: bool = True) -> dict:
+    """GRFT's regularised set R (see :mod:`grft_train.layers`) over the modules the selection saw run."""
+    unused = set(sel.meta.get("zero_grad_modules") or [])
+    used = [n for n in (sel.meta.get("eligible_modules") or list(sel.indices)) if n not in unused]
+    return describe_regularised(used, last_layers, embed, head)
 
 
 def _numel_selected(shape: tuple[int, ...], mode: str, idx: torch.Tensor) -> int:
