@@ -6,9 +6,26 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["TMP_SUFFIX", "atomic_write"]
+__all__ = ["TMP_SUFFIX", "atomic_write", "default_file_mode"]
 
 TMP_SUFFIX = ".tmp"  # temp files: .<name>.<random>.tmp, in the target's directory
+
+
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file: ``0o666`` less the process umask (0644 under umask 022).
+
+    ``mkstemp`` creates 0600 files, unreadable by another service sharing a store; published files
+    get this mode instead. The umask is read from /proc (no process-wide umask flip) where it can be."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def atomic_write(path: str | os.PathLike, data: bytes, replace: bool = True) -> Path:
@@ -23,6 +40,7 @@ def atomic_write(path: str | os.PathLike, data: bytes, replace: bool = True) -> 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), default_file_mode())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -47,7 +65,7 @@ def _publish_new(tmp: str, path: Path, data: bytes) -> None:
     except OSError as e:  # a filesystem without hard links: exclusive create (visible while written)
         if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK):
             raise
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
