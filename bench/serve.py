@@ -1,24 +1,16 @@
 """End-to-end HTTP load test: grft-serve versus a plain one-model Ray Serve app, measured in one run.
 
-Both apps run in ONE Ray instance on 127.0.0.1 and are driven by the same load generator: ``C``
-client threads (real HTTP, ``requests``), each sending its next request as soon as the previous one
-returns, for a warm-up period and then a fixed window of ``S`` seconds (and at most
-``--max-requests`` requests). For every (system, scenario) the window gives
-
-- ``inputs_per_s`` = inputs answered by requests that completed inside the window / ``S``;
-- ``p50_ms``, ``p99_ms`` = latency percentiles of those requests (send to parsed answer);
-- ``errors`` = requests that failed (non-200, transport error, wrong answer count) in the window, and
-  ``errors_total`` over warm-up, window and drain.
+Both apps run in ONE Ray instance on 127.0.0.1 and are driven by the same closed-loop HTTP load
+(:mod:`bench.http_load`: ``--clients`` threads, a warm-up, then a ``--seconds`` window) giving, per
+(system, scenario), ``inputs_per_s``, ``p50_ms``/``p99_ms`` and ``errors`` (``errors_total``:
+including warm-up and drain).
 
 What is compared:
 
-- ``plain``: what a user gets by deploying ONE fine-tuned task as an ordinary model with Ray Serve:
-  one deployment with a FastAPI ingress (``@serve.ingress``); each request is decoded (base64 → PIL
-  PNG → the timm eval transform of the task package's ``preprocessing.timm_data_config``, the same
-  transform grft-serve applies), then ONE forward for the whole request through the task merged into
-  the backbone (:class:`grft_serve.export.MergedTask`: backbone with the task's rows written in +
-  linear head), then softmax top-k. Decoding runs concurrently; forwards run one at a time (a lock),
-  like a single model server.
+- ``plain`` (:mod:`bench.plain_app`): what a user gets by deploying ONE fine-tuned task as an
+  ordinary model with Ray Serve: one deployment with a FastAPI ingress, each request decoded (base64
+  PNG → PIL → the timm eval transform of the task package's ``preprocessing``, as grft-serve does)
+  and run as ONE forward through the task merged into the backbone, then a linear head and top-k.
 - ``grft``: grft-serve built with ``grft_serve.app.build_app`` from the same backbone settings, with
   ``--tasks`` packages (default 16) registered over HTTP.
 
@@ -42,7 +34,6 @@ random GRFT packages (k=2 rows per module, 10 labels), 8 clients, 3 s warm-up + 
 """
 
 import argparse
-import asyncio
 import base64
 import io
 import json
@@ -52,7 +43,6 @@ import secrets
 import socket
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -67,156 +57,16 @@ if __package__ in (None, ""):  # run as `python bench/serve.py`: make the repo r
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from fastapi import FastAPI, HTTPException, Request  # noqa: E402
-from pydantic import BaseModel, Field, ValidationError  # noqa: E402
 from ray import serve  # noqa: E402
 
+from bench.http_load import run_window  # noqa: E402
+from bench.plain_app import PlainModel  # noqa: E402
 from bench.records import Records  # noqa: E402
 
-__all__ = ["PlainModel", "main", "run_window"]
+__all__ = ["main", "parse_args"]
 
 SCENARIOS = ("single", "batch", "mixed")
 BASELINE = {"single": "single", "batch": "batch", "mixed": "batch"}  # the plain scenario each grft one is compared to
-
-
-# ---------------------------------------------------------------------------------------------
-# (a) the plain one-model Ray Serve app
-# ---------------------------------------------------------------------------------------------
-class PlainRequest(BaseModel):
-    inputs: list[str] = Field(min_length=1, description="base64-encoded images")
-    top_k: int = Field(5, ge=1)
-
-
-plain_api = FastAPI(title="plain one-model baseline")
-
-
-def _resolve_device(spec: dict) -> tuple[str, str]:
-    device = spec.get("device", "auto")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = spec.get("dtype", "auto")
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    return device, dtype
-
-
-@serve.deployment(name="PlainModel")
-@serve.ingress(plain_api)
-class PlainModel:
-    """One task as an ordinary model: decode → task preprocessing → one forward → head → top-k."""
-
-    def __init__(self, spec: dict, package: bytes):
-        from grft_serve.backbones import load_backbone
-        from grft_serve.export import merge_task
-        from grft_serve.package import load_package
-
-        if spec.get("torch_threads"):
-            torch.set_num_threads(int(spec["torch_threads"]))
-        if spec.get("seed") is not None:
-            torch.manual_seed(int(spec["seed"]))
-        self.device, dtype = _resolve_device(spec)
-        self.dtype = getattr(torch, dtype)
-        backbone = load_backbone(spec["backbone"])
-        pkg = load_package(package, base=backbone.describe())  # same base as grft-serve, checked
-        self.model = merge_task(backbone, pkg)
-        self.model.backbone.to(device=self.device, dtype=self.dtype)
-        self.model.head.to(self.device)
-        self.prep, self.labels = pkg.meta.preprocessing, list(pkg.meta.labels)
-        self._lock = threading.Lock()
-
-    @plain_api.get("/healthz")
-    async def healthz(self) -> dict:
-        return {"ok": True, "device": self.device, "dtype": str(self.dtype).replace("torch.", "")}
-
-    @plain_api.post("/predict")
-    async def predict(self, request: Request) -> dict:
-        try:
-            body = PlainRequest.model_validate(await request.json())
-        except (ValueError, ValidationError) as e:
-            raise HTTPException(422, f"expected {{'inputs': [base64 images], 'top_k'}}: {e}") from None
-        return {"predictions": await asyncio.to_thread(self._run, body.inputs, body.top_k)}
-
-    def _run(self, inputs: list[str], top_k: int) -> list[dict]:
-        from PIL import Image
-
-        from grft_serve.backbones import Backbone
-
-        images = []
-        for i, s in enumerate(inputs):
-            try:
-                img = Image.open(io.BytesIO(base64.b64decode(s, validate=True)))
-                images.append(img.convert("RGB"))
-            except Exception as e:  # noqa: BLE001
-                raise HTTPException(422, f"input {i}: not a base64 image: {e}") from None
-        batch = Backbone.batch_to(self.model.backbone.preprocess(images, self.prep), self.device, self.dtype)
-        with self._lock, torch.inference_mode():
-            probs = self.model(batch).float().softmax(-1).cpu()
-        sc, ix = probs.topk(min(top_k, probs.shape[1]), dim=1)
-        return [{"label": self.labels[int(i[0])], "score": float(s[0]),
-                 "top_k": [{"label": self.labels[int(a)], "score": float(b)} for b, a in zip(s, i)]}
-                for s, i in zip(sc, ix)]
-
-
-# ---------------------------------------------------------------------------------------------
-# load generator
-# ---------------------------------------------------------------------------------------------
-def run_window(url: str, bodies: list[bytes], n_inputs: int, clients: int, warmup_s: float, seconds: float,
-               max_requests: int, timeout_s: float) -> dict:
-    """Drive ``url`` with ``clients`` closed-loop threads; figures over the window after ``warmup_s``."""
-    import requests
-
-    done: list[tuple[float, float, bool, float | None]] = []  # (sent, finished, ok, mean batch_size)
-    failures: list[str] = []
-    lock, start = threading.Lock(), threading.Barrier(clients + 1)
-    sent = [0]
-    t0 = time.perf_counter() + 0.05
-    w0, w1 = t0 + warmup_s, t0 + warmup_s + seconds
-
-    def client(c: int) -> None:
-        with requests.Session() as s:
-            start.wait()
-            k = c
-            while time.perf_counter() < w1:
-                with lock:
-                    if sent[0] >= max_requests:
-                        return
-                    sent[0] += 1
-                body, k = bodies[k % len(bodies)], k + clients
-                a, ok, bs, why = time.perf_counter(), False, None, ""
-                try:
-                    r = s.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=timeout_s)
-                    if r.status_code == 200:
-                        preds = r.json().get("predictions", [])
-                        ok = len(preds) == n_inputs
-                        why = "" if ok else f"{len(preds)} answers for {n_inputs} inputs"
-                        sizes = [p["batch_size"] for p in preds if isinstance(p.get("batch_size"), int)]
-                        bs = sum(sizes) / len(sizes) if sizes else None
-                    else:
-                        why = f"HTTP {r.status_code}: {r.text[:200]}"
-                except Exception as e:  # noqa: BLE001 - a failed request is counted, not fatal
-                    why = f"{type(e).__name__}: {e}"[:200]
-                with lock:
-                    done.append((a, time.perf_counter(), ok, bs))
-                    if why and len(failures) < 5:
-                        failures.append(why)
-
-    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
-    for t in threads:
-        t.start()
-    while time.perf_counter() < t0:
-        time.sleep(0.001)
-    start.wait()
-    for t in threads:
-        t.join(timeout_s + max(w1 - time.perf_counter(), 0) + 5)
-    inside = [d for d in done if w0 <= d[1] <= w1]
-    good = [d for d in inside if d[2]]
-    lat = np.array([(d[1] - d[0]) * 1e3 for d in good]) if good else np.array([math.nan])
-    sizes = [d[3] for d in good if d[3] is not None]
-    return {"requests": len(good), "inputs": len(good) * n_inputs, "inputs_per_s": len(good) * n_inputs / seconds,
-            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
-            "errors": len(inside) - len(good), "errors_total": sum(not d[2] for d in done),
-            "stuck_clients": sum(t.is_alive() for t in threads), "failures": failures,
-            "mean_batch_size": float(np.mean(sizes)) if sizes else None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,6 +350,4 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    from bench.serve import main as _main  # Ray pickles PlainModel by reference to this module's real name
-
-    _main()
+    main()

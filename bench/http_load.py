@@ -1,0 +1,75 @@
+"""Closed-loop HTTP load generator for bench/serve.py.
+
+``C`` client threads (``requests`` sessions), each sending its next request as soon as the previous
+one returns, through a warm-up period and then a window of ``S`` seconds (and at most
+``max_requests`` requests). Figures count the requests that COMPLETED inside the window:
+``inputs_per_s`` = their inputs / ``S``; ``p50_ms``/``p99_ms`` = their latency percentiles (send to
+parsed answer); ``errors`` = those that failed (non-200, transport error, wrong answer count);
+``errors_total`` = failures over warm-up, window and drain.
+"""
+import math
+import threading
+import time
+
+import numpy as np
+
+__all__ = ["run_window"]
+
+
+def run_window(url: str, bodies: list[bytes], n_inputs: int, clients: int, warmup_s: float, seconds: float,
+               max_requests: int, timeout_s: float) -> dict:
+    """Drive ``url`` with ``clients`` closed-loop threads; figures over the window after ``warmup_s``."""
+    import requests
+
+    done: list[tuple[float, float, bool, float | None]] = []  # (sent, finished, ok, mean batch_size)
+    failures: list[str] = []
+    lock, start = threading.Lock(), threading.Barrier(clients + 1)
+    sent = [0]
+    t0 = time.perf_counter() + 0.05
+    w0, w1 = t0 + warmup_s, t0 + warmup_s + seconds
+
+    def client(c: int) -> None:
+        with requests.Session() as s:
+            start.wait()
+            k = c
+            while time.perf_counter() < w1:
+                with lock:
+                    if sent[0] >= max_requests:
+                        return
+                    sent[0] += 1
+                body, k = bodies[k % len(bodies)], k + clients
+                a, ok, bs, why = time.perf_counter(), False, None, ""
+                try:
+                    r = s.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=timeout_s)
+                    if r.status_code == 200:
+                        preds = r.json().get("predictions", [])
+                        ok = len(preds) == n_inputs
+                        why = "" if ok else f"{len(preds)} answers for {n_inputs} inputs"
+                        sizes = [p["batch_size"] for p in preds if isinstance(p.get("batch_size"), int)]
+                        bs = sum(sizes) / len(sizes) if sizes else None
+                    else:
+                        why = f"HTTP {r.status_code}: {r.text[:200]}"
+                except Exception as e:  # noqa: BLE001 - a failed request is counted, not fatal
+                    why = f"{type(e).__name__}: {e}"[:200]
+                with lock:
+                    done.append((a, time.perf_counter(), ok, bs))
+                    if why and len(failures) < 5:
+                        failures.append(why)
+
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
+    for t in threads:
+        t.start()
+    while time.perf_counter() < t0:
+        time.sleep(0.001)
+    start.wait()
+    for t in threads:
+        t.join(timeout_s + max(w1 - time.perf_counter(), 0) + 5)
+    inside = [d for d in done if w0 <= d[1] <= w1]
+    good = [d for d in inside if d[2]]
+    lat = np.array([(d[1] - d[0]) * 1e3 for d in good]) if good else np.array([math.nan])
+    sizes = [d[3] for d in good if d[3] is not None]
+    return {"requests": len(good), "inputs": len(good) * n_inputs, "inputs_per_s": len(good) * n_inputs / seconds,
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+            "errors": len(inside) - len(good), "errors_total": sum(not d[2] for d in done),
+            "stuck_clients": sum(t.is_alive() for t in threads), "failures": failures,
+            "mean_batch_size": float(np.mean(sizes)) if sizes else None}
