@@ -326,7 +326,7 @@ class BackboneServer:
         batch = collate([c.batch for c in chunks], self._pad_id)
         tids = [t for c in chunks for t in c.task_ids]
         try:
-            res = _engine_run(self.engine, batch, tids, max(c.top_k for c in chunks))
+            res = self.engine.run(batch, tids, top_k=max(c.top_k for c in chunks))
         except KeyError as e:  # a task was deleted between its request's check and this batch
             raise ApiError(404, "unknown_task", str(e)) from None
         rep = res.report
@@ -352,24 +352,3 @@ def _select(batch: Any, s: slice) -> Any:
         return {k: v[s] for k, v in batch.items()}
     return batch[s]
 
-
-def _engine_run(engine, batch, tids, top_k):
-    """TEMPORARY until Engine.run lands: forward + answer formatting with a report."""
-    if hasattr(engine, "run"):
-        return engine.run(batch, tids, top_k=top_k)
-    from types import SimpleNamespace
-
-    before = dict(engine.counters)
-    logits, versions = engine.forward(batch, tids)
-    after = engine.counters
-    answers = []
-    for lg, tid, ver in zip(logits, tids, versions):
-        labels = engine.task(tid).meta.labels
-        p = lg.softmax(-1)
-        sc, ix = p.topk(min(top_k, p.numel()))
-        answers.append({"task": tid, "version": ver, "label": labels[int(ix[0])], "score": float(sc[0]),
-                        "top_k": [{"label": labels[int(i)], "score": float(v)} for v, i in zip(sc, ix)]})
-    rep = SimpleNamespace(path="patch" if after["patch_batches"] > before["patch_batches"] else "override",
-                          tasks=list(dict.fromkeys(tids)),
-                          **{c: after[c] - before[c] for c in ("cache_hits", "cache_misses", "cache_evictions")})
-    return SimpleNamespace(answers=answers, report=rep)
