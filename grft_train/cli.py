@@ -13,9 +13,9 @@ from typing import Any, Optional
 
 import typer
 
-from .config import ConfigError, load_config, options_help, parse_set
+from .config import ConfigError, _merge, load_config, options_help, parse_set
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="GRFT training: select rows/columns by SCL gradients (select), fine-tune only them "
                        "with L2 to the pretrained weights and write a task package (fit), and measure a "
                        "package's accuracy (eval).")
@@ -34,7 +34,8 @@ SetOpt = typer.Option(None, "--set", "-s", help="override any config key: --set 
 DeviceOpt = typer.Option(None, help="auto | cpu | cuda[:N]")
 SeedOpt = typer.Option(None, help="random seed")
 BatchOpt = typer.Option(None, help="batch size")
-QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress bars")
+QuietOpt = typer.Option(False, "--quiet", "-q", metavar="", help="no progress bars, no log lines below warnings: "
+                                                                "only the JSON result")
 
 
 def _overrides(sets: list[str] | None, **flags: Any) -> dict:
@@ -45,11 +46,41 @@ def _overrides(sets: list[str] | None, **flags: Any) -> dict:
     return out
 
 
-def _load(cmd: str, config: Optional[Path], sets, quiet: bool, **flags):
-    if quiet:
-        flags["progress"] = False
+# keys of a package's recorded training config that say how to rebuild its base and data
+_RUN_KEYS = ("backbone", "data", "input_size", "threads", "batch_size", "seed")
+
+
+def _package_run(package: str) -> dict:
+    """The shared part of the run a package was trained with (its ``training_config``)."""
+    from grft_serve.package import PackageError, peek_meta
+
+    p = Path(package)
+    if not p.is_file():
+        typer.echo(f"error: package not found: {p}", err=True)
+        raise typer.Exit(2)
     try:
-        return load_config(cmd, config, _overrides(sets, **flags))
+        run = peek_meta(p).training_config or {}
+    except PackageError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+    if not run.get("backbone"):
+        typer.echo(f"error: {p} records no training config; pass the run file with -c", err=True)
+        raise typer.Exit(2)
+    return {k: run[k] for k in _RUN_KEYS if k in run}
+
+
+def _load(cmd: str, config: Optional[Path], sets, quiet: bool, base: dict | None = None, **flags):
+    """The command's config: ``base`` (e.g. a package's recorded run), then the file, --set and flags.
+
+    Progress bars only on a terminal (logs get one line per epoch instead); ``quiet`` also raises
+    the log level to warnings."""
+    if quiet or not sys.stderr.isatty():
+        flags["progress"] = False
+    if quiet:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        over = _overrides(sets, **flags)
+        return load_config(cmd, config, _merge(base, over) if base else over)
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
@@ -149,6 +180,38 @@ def fit(
                            "trainable_pct": round(m["trainable_pct"], 4), "seconds": m["train_seconds"]}))
 
 
+@app.command()
+def sweep(
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    k: str = typer.Option("1,2,4", "--k", help="rows/columns per matrix to try (comma list)"),
+    l2: str = typer.Option("0,1e-4,1e-3", "--l2", help="λ values of the L2-to-pretrained term to try"),
+    modes: str = typer.Option("row", "--modes", help="row, column or row,column"),
+    out_dir: Optional[str] = typer.Option(None, help="sweep runs, sweep.jsonl/.md/.png "
+                                                     "(default: <fit.out_dir>/sweep)"),
+    quiet: bool = QuietOpt,
+):
+    """Tune k and λ as the GRFT paper does: one SCL-gradient pass, then fit every (mode, k, λ) of the
+    run file's task; the best by validation accuracy becomes <fit.out_dir>/<task_id>.grft.safetensors.
+    Writes a table (sweep.md), every run (sweep.jsonl) and a plot (sweep.png)."""
+    from .sweep import SweepError, parse_floats, parse_ints, run_sweep
+
+    _setup_logging()
+    scfg = _load("select", config, set_, quiet)
+    fcfg = _load("fit", config, set_, quiet)
+    try:
+        grid = (parse_ints(k, "--k"), parse_floats(l2, "--l2"), [m.strip() for m in modes.split(",") if m.strip()])
+    except SweepError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    res = _run(run_sweep, scfg, fcfg, *grid, out_dir)
+    b = res["best"]
+    typer.echo(json.dumps({"package": res["package"], "best": {kk: b[kk] for kk in ("mode", "k", "l2_lambda", "val_acc",
+                                                                                     "test_acc", "trainable_pct")},
+                           "runs": len(res["runs"]), "table": res["table"], "plot": res["plot"],
+                           "seconds": res["seconds"]}))
+
+
 @app.command("eval", epilog=_epilog("eval"))
 def eval_(
     package: Optional[str] = typer.Argument(None, help="task package (.grft.safetensors)"),
@@ -162,20 +225,56 @@ def eval_(
     quiet: bool = QuietOpt,
 ):
     """Accuracy of a task package on a split; the package is validated against the backbone
-    (fingerprint, shapes) and applied with the serving row op."""
+    (fingerprint, shapes) and applied with the serving row op. Without --config, the backbone, data
+    and input size recorded in the package's training config are used."""
     from .evaluate import run_eval
 
     _setup_logging()
     sets = list(set_ or [])
     if data is not None:
         sets.append(f"data.path={data}")
-    cfg = _load("eval", config, sets, quiet, package=package, split=split, out=out, device=device,
+    base = _package_run(package) if package and config is None else None
+    cfg = _load("eval", config, sets, quiet, base=base, package=package, split=split, out=out, device=device,
                 batch_size=batch_size)
     if not cfg.package:
         typer.echo("error: give the package path (argument or `package:` in the config)", err=True)
         raise typer.Exit(2)
     rep = _run(run_eval, cfg)
     typer.echo(json.dumps(rep, indent=2))
+
+
+@app.command()
+def samples(
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    split: str = typer.Option("test", help="train | val | test"),
+    n: int = typer.Option(4, "-n", help="how many inputs (the split's first ones)"),
+    out: Path = typer.Option(Path("runs/samples"), help="directory to write them to"),
+    quiet: bool = QuietOpt,
+):
+    """Write the first N inputs of a run's data split as files (PNG images / UTF-8 texts), named
+    <index>-<label>: inputs to try `grft-serve predict` with."""
+    import re
+
+    from .common import load_data
+
+    _setup_logging()
+    cfg = _load("eval", config, set_, quiet)
+    splits = _run(load_data, cfg, None, False)
+    ds = _run(splits.split, split)
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(min(n, len(ds))):
+        x, y = ds[i]
+        name = f"{i:03d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', splits.labels[y])}"
+        if isinstance(x, str):
+            path = out / f"{name}.txt"
+            path.write_text(x, encoding="utf-8")
+        else:
+            path = out / f"{name}.png"
+            x.save(path)
+        files.append(str(path))
+    typer.echo(json.dumps({"split": split, "files": files}))
 
 
 def main() -> None:  # pragma: no cover

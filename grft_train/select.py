@@ -34,6 +34,7 @@ from .common import (apply_threads, build_backbone, count_params, is_embed, is_h
 from .config import SelectConfig
 from .data import SampleSet
 from .layers import describe_regularised
+from .heatmap import heatmap
 from .scl import SCLViews, supcon_loss
 
 log = logging.getLogger("grft_train.select")
@@ -290,17 +291,18 @@ def select_from_grads(grads: dict[str, torch.Tensor], mode: str, k: int, budget:
     return idx, scores
 
 
-def run_select(cfg: SelectConfig, backbone: Backbone | None = None, splits=None) -> Selection:
-    """Compute and save a selection (``cfg.out``); returns it."""
+@dataclass
+class SCLGrads:
+    """One pass of SCL gradients (every mode and k can be selected from it)."""
+
+    grads: dict[str, torch.Tensor]  # module -> accumulated gradient (modules with a nonzero one)
+    meta: dict[str, Any]  # eligible/zero-grad modules, subset losses, SCL info, seconds
+
+
+def scl_gradients(cfg: SelectConfig, backbone: Backbone, splits, device: torch.device) -> SCLGrads:
+    """Accumulate SCL gradients for every module eligible in ``cfg.mode`` (``row`` covers every mode:
+    a column selection drops the grouped convs from it)."""
     t0 = time.time()
-    seed_everything(cfg.seed)
-    apply_threads(cfg)
-    device = resolve_device(cfg.device)
-    if backbone is None:
-        backbone = build_backbone(cfg, device)
-    if splits is None:
-        splits = load_data(cfg, backbone)
-    spec = backbone.describe()
     modules = eligible_modules(backbone, cfg.include_patch_embed, cfg.include, cfg.exclude, cfg.mode)
     subsets = _subsets(splits.train, cfg.subsets, cfg.seed)
     losses = None
@@ -316,41 +318,68 @@ def run_select(cfg: SelectConfig, backbone: Backbone | None = None, splits=None)
     if unused:  # modules the forward never runs (e.g. an unused pooler): nothing to learn there
         log.info("skipping %d modules with zero gradient: %s", len(unused), unused[:5])
         grads = {n: g for n, g in grads.items() if n not in unused}
+    meta = {"eligible_modules": [n for n, _ in modules], "zero_grad_modules": unused, "subsets": cfg.subsets,
+            "subset_losses": losses, "chosen_subset": chosen, "subset_size": len(subsets[chosen]), "scl": ginfo,
+            "grad_seconds": round(time.time() - t0, 2)}
+    return SCLGrads(grads, meta)
+
+
+def build_selection(g: SCLGrads, backbone: Backbone, labels: list[str], cfg: SelectConfig) -> Selection:
+    """Top-k (or budgeted) rows/columns/entries of ``g`` for ``cfg.mode``/``cfg.k``/``cfg.budget``."""
+    spec = backbone.describe()
+    grads = g.grads
+    eligible = g.meta["eligible_modules"]
+    if cfg.mode == "column":
+        grads = {n: t for n, t in grads.items() if spec.modules[n].supports_columns()}
+        eligible = [n for n in eligible if spec.modules[n].supports_columns()]
     total = count_params(backbone)
     idx, scores = select_from_grads(grads, cfg.mode, cfg.k, cfg.budget, total)
     idx = {n: i for n, i in idx.items() if i.shape[-1] > 0}
     selected = sum(_numel_selected(spec.modules[n].weight_shape, cfg.mode, i) for n, i in idx.items())
-    meta = {
+    meta = dict(g.meta, **{
         "format": "grft-selection/1",
         "base_model_id": spec.model_id,
         "base_fingerprint": spec.fingerprint,
-        "labels": splits.labels,
+        "labels": labels,
         "modules": list(idx),
-        "eligible_modules": [n for n, _ in modules],
-        "zero_grad_modules": unused,
+        "eligible_modules": eligible,
         "budget": cfg.budget,
         "selected_values": selected,
         "backbone_params": total,
         "selected_fraction": selected / total,
-        "subsets": cfg.subsets,
-        "subset_losses": losses,
-        "chosen_subset": chosen,
-        "subset_size": len(subsets[chosen]),
-        "scl": ginfo,
         "preprocessing": backbone.preprocessing_meta(),
         "config": cfg.model_dump(mode="json"),
-        "seconds": round(time.time() - t0, 2),
         "packageable": cfg.mode != "sparse",
-    }
-    sel = Selection(cfg.mode, idx, scores, meta)
-    out = Path(cfg.out)
+    })
+    return Selection(cfg.mode, idx, scores, meta)
+
+
+def run_select(cfg: SelectConfig, backbone: Backbone | None = None, splits=None) -> Selection:
+    """Compute and save a selection (``cfg.out``); returns it."""
+    t0 = time.time()
+    seed_everything(cfg.seed)
+    apply_threads(cfg)
+    device = resolve_device(cfg.device)
+    if backbone is None:
+        backbone = build_backbone(cfg, device)
+    if splits is None:
+        splits = load_data(cfg, backbone)
+    sel = build_selection(scl_gradients(cfg, backbone, splits, device), backbone, splits.labels, cfg)
+    sel.meta["seconds"] = round(time.time() - t0, 2)
+    save_selection(sel, cfg.out, backbone.describe(), cfg.heatmap)
+    return sel
+
+
+def save_selection(sel: Selection, out: str | Path, spec, with_heatmap: bool = True) -> Path:
+    """Write ``sel`` (and its heat-map PNG beside it)."""
+    out = Path(out)
     sel.save(out)
-    if cfg.heatmap:
+    if with_heatmap:
         try:
             heatmap(sel, spec, out.with_suffix("").with_suffix(".png") if out.suffix else out.with_suffix(".png"))
         except Exception as e:  # noqa: BLE001 - the plot is a convenience
             log.warning("heat-map failed: %s", e)
-    return sel
+    return out
 
 
 def regularised_summary(sel: Selection, last_layers: int, embed: bool = True, head: bool = True) -> dict:
@@ -368,49 +397,3 @@ def _numel_selected(shape: tuple[int, ...], mode: str, idx: torch.Tensor) -> int
         if i != (1 if mode == "column" else 0):
             per *= s
     return int(idx.numel()) * per
-
-
-def heatmap(sel: Selection, spec, path: str | Path, bins: int = 64) -> Path:
-    """PNG: one line per module; colour = gradient score (binned max, normalised per module),
-    white dots = selected rows/columns (relative position within the matrix)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(sel.meta.get("eligible_modules") or sel.indices)
-    img = np.zeros((len(names), bins))
-    pts_x, pts_y = [], []
-    for r, n in enumerate(names):
-        if n not in spec.modules:
-            continue
-        shape = spec.modules[n].weight_shape
-        size = max(shape[1] if sel.mode == "column" else shape[0], 1)
-        sc = sel.scores.get(n)
-        if sc is not None and float(sc.max()) > 0:
-            v = (sc.float() / sc.max()).numpy()
-            np.maximum.at(img[r], np.minimum((np.arange(len(v)) * bins) // size, bins - 1), v)
-        idx = sel.indices.get(n)
-        if idx is None:
-            continue
-        pos = (torch.arange(shape[0]).repeat_interleave(idx.shape[1]).numpy() if sel.mode == "sparse"
-               else idx.numpy())
-        for p_ in np.unique(np.minimum((pos * bins) // size, bins - 1)):
-            pts_x.append(p_)
-            pts_y.append(r)
-    h = max(3.0, 0.18 * len(names) + 1.5)
-    fig, ax = plt.subplots(figsize=(9, h))
-    im = ax.imshow(img, aspect="auto", cmap="magma", interpolation="nearest", vmin=0, vmax=1)
-    ax.scatter(pts_x, pts_y, s=10, c="white", edgecolors="cyan", linewidths=0.5, label="selected")
-    ax.set_yticks(range(len(names)))
-    ax.set_yticklabels([n.removeprefix("net.") for n in names], fontsize=6)
-    ax.set_xlabel(f"relative {'column' if sel.mode == 'column' else 'row'} position ({bins} bins)")
-    ax.set_title(f"GRFT selection ({sel.mode}, k={_k_summary(sel.k)}) on {sel.meta.get('base_model_id')}")
-    ax.legend(loc="upper right", fontsize=7)
-    fig.colorbar(im, ax=ax, label="sum of squared SCL grads / layer max")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

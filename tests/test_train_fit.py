@@ -199,3 +199,151 @@ def test_config_file_sections(tmp_path):
     assert load_config("select", p).k == 4 and load_config("select", p).seed == 3
     assert load_config("fit", p).epochs == 7
     assert load_config("fit", p, {"epochs": 9}).epochs == 9
+
+
+# ---------------------------------------------------------------------------------------------
+# biases, linear probe, row op training path, sweep
+# ---------------------------------------------------------------------------------------------
+def _mlp_case(tmp_path, bias="all", k=1, **fit_kw):
+    """tiny_mlp (one bias-free Linear among three) on separable tensor data, selection + fit."""
+    from conftest import tiny_mlp
+
+    from grft_train.data import DataSplits, SampleSet, Source
+
+    bb = tiny_mlp().eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(60) % 3
+    x = torch.randn(60, 12, generator=g) + 2 * torch.nn.functional.one_hot(y, 12).float()
+    src = Source(lambda i: x[i], [str(int(v)) for v in y], "tensor", "mem")
+    ds = SampleSet(src, list(range(60)), y.tolist(), ["0", "1", "2"])
+    splits = DataSplits(ds.subset(range(36)), ds.subset(range(36, 48)), ds.subset(range(48, 60)), ["0", "1", "2"],
+                        "tensor")
+    common = dict(progress=False, batch_size=12, device="cpu")
+    sel = run_select(SelectConfig(**common, out=str(tmp_path / "s.safetensors"), k=k, heatmap=False),
+                     backbone=bb, splits=splits)
+    fcfg = FitConfig(**common, selection=str(tmp_path / "s.safetensors"), out_dir=str(tmp_path / "f"), epochs=3,
+                     lr=2e-2, bias=bias, **fit_kw)
+    return bb, splits, sel, run_fit(fcfg, backbone=bb, splits=splits, selection=sel)
+
+
+def test_bias_all_trains_every_module_bias_zero_init_on_bias_free(tmp_path):
+    from grft_serve.export import MergedTask
+
+    bb, splits, sel, res = _mlp_case(tmp_path, bias="all")
+    pristine = copy.deepcopy(bb)
+    m, model = res.metrics, res.model
+    names = ["net.0", "net.2", "net.4"]  # net.2 is nn.Linear(32, 32, bias=False)
+    assert sorted(model.names) == names and bb.get_submodule("net.2").bias is None
+    assert m["trainable_biases"] == 32 + 32 + 16 and m["bias"] == "all"
+    assert m["trainable_params"] == m["trainable_values"] + m["trainable_biases"] + m["head_params"]
+    assert m["trainable_values"] == sum(int(i.numel()) * bb.get_submodule(n).weight.shape[1]
+                                        for n, i in sel.indices.items())
+    assert model.bias("net.2").abs().sum() > 0  # started at zero, trained
+    pkg = load_package(res.package_path, base=bb.describe())
+    assert sorted(pkg.deltas) == names and all(d.bias is not None for d in pkg.deltas.values())
+    x = torch.stack([splits.test[i][0] for i in range(len(splits.test))])
+    with torch.no_grad():
+        train_logits = model.eval()(x)
+    res.model.close()
+    assert torch.allclose(train_logits, package_logits(res.package_path, bb, list(x)), atol=1e-6)
+    with torch.no_grad():
+        merged = MergedTask(pristine, pkg)(x)
+    assert torch.allclose(train_logits, merged, atol=1e-5)
+    assert bb.get_submodule("net.2").bias is None  # the frozen backbone got no bias
+
+
+def test_bias_selected_and_none(tmp_path):
+    _, _, sel, res = _mlp_case(tmp_path / "a", bias="selected")
+    assert sorted(res.model.names) == sorted(sel.indices)
+    # selected modules with a bias of their own keep it trainable; the bias-free one gets none
+    assert res.metrics["trainable_biases"] == sum(32 if n == "net.0" else 16 if n == "net.4" else 0
+                                                  for n in sel.indices)
+    res.model.close()
+    _, _, _, res = _mlp_case(tmp_path / "b", bias="none")
+    assert res.metrics["trainable_biases"] == 0 and all(res.model.bias(n) is None for n in res.model.names)
+    pkg = load_package(res.package_path)
+    assert all(d.bias is None for d in pkg.deltas.values())  # an old-style package still loads
+    res.model.close()
+    assert FitConfig(tune_bias=False).bias == "none" and FitConfig(tune_bias=True).bias == "selected"
+
+
+def test_linear_probe_computes_features_once(tmp_path):
+    from grft_train.select import Selection
+
+    bb, splits, sel, res = _mlp_case(tmp_path / "g", bias="all")
+    res.model.close()
+    calls = []
+    handle = bb.register_forward_hook(lambda mod, inp, out: calls.append(out.shape[0]))
+    try:
+        probe = run_fit(FitConfig(progress=False, batch_size=12, device="cpu", out_dir=str(tmp_path / "p"), epochs=4,
+                                  lr=2e-2, bias="none"),
+                        backbone=bb, splits=splits, selection=Selection("row", {}, meta=sel.meta))
+    finally:
+        handle.remove()
+    n = len(splits.train) + len(splits.val) + len(splits.test)
+    assert probe.metrics["head_only"] and probe.metrics["trainable_params"] == probe.metrics["head_params"]
+    assert sum(calls) == n + 1  # one probe sample + every sample exactly once, whatever the epochs
+    h = probe.metrics["history"]
+    assert h[-1]["train_loss"] < h[0]["train_loss"]
+    pkg = load_package(probe.package_path)
+    assert pkg.deltas == {}
+    rep = run_eval(EvalConfig(progress=False, batch_size=12, device="cpu", package=str(probe.package_path),
+                              split="test"), backbone=bb, splits=splits)
+    assert rep["accuracy"] == pytest.approx(probe.metrics["test_acc"])
+
+
+@pytest.mark.parametrize("mode", ["row", "column"])
+@pytest.mark.parametrize("layer", ["linear", "conv", "depthwise"])
+def test_training_row_op_matches_merged_weights_and_gradients(mode, layer):
+    from torch import nn
+
+    from grft_serve.rowop import ModuleDelta, apply_delta
+
+    if mode == "column" and layer == "depthwise":
+        pytest.skip("grouped convs are row-only")
+    torch.manual_seed(0)
+    mod = {"linear": nn.Linear(6, 5), "conv": nn.Conv2d(4, 6, 3, padding=1, bias=False),
+           "depthwise": nn.Conv2d(6, 6, 3, padding=1, groups=6)}[layer].requires_grad_(False)
+    dim = 0 if mode == "row" else 1
+    idx = torch.tensor([1, 3])
+    vals = (mod.weight.index_select(dim, idx) + 0.3).requires_grad_(True)
+    bias = torch.randn(mod.weight.shape[0], requires_grad=True)
+    x = (torch.randn(2, 4, 6) if layer == "linear" else torch.randn(2, 6 if layer == "depthwise" else 4, 5, 5))
+    x.requires_grad_(True)
+    Wm = mod.weight.index_copy(dim, idx, vals)
+    ref = (torch.nn.functional.linear(x, Wm, bias) if layer == "linear"
+           else torch.nn.functional.conv2d(x, Wm, bias, 1, 1, 1, mod.groups))
+    g = torch.randn_like(ref)
+    want = torch.autograd.grad((ref * g).sum(), [x, vals, bias])
+    y = mod(x)
+    out = apply_delta(mod, x, y, ModuleDelta(mode, idx, vals, bias))
+    assert out.data_ptr() == y.data_ptr()  # written in place: no copy of the layer's output
+    got = torch.autograd.grad((out * g).sum(), [x, vals, bias])
+    assert torch.allclose(out, ref, atol=1e-5)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_cli_sweep_picks_by_val_and_writes_table_plot(imgdir, tmp_path):
+    cfg = {
+        "backbone": BACKBONE, "device": "cpu", "batch_size": 12, "threads": 1,
+        "data": {"format": "imagefolder", "path": str(imgdir), "max_per_class": 6, "val_fraction": 0.25},
+        "select": {"num_batches": 1},
+        "fit": {"out_dir": str(tmp_path / "fit"), "task_id": "swept", "epochs": 1, "max_steps": 1},
+    }
+    y = tmp_path / "run.yaml"
+    y.write_text(yaml.safe_dump(cfg))
+    r = CliRunner().invoke(app, ["sweep", "-c", str(y), "-q", "--k", "1,2", "--l2", "0,1e-3"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output.strip().splitlines()[-1])
+    runs = [json.loads(line) for line in (tmp_path / "fit" / "sweep" / "sweep.jsonl").read_text().splitlines()]
+    assert len(runs) == 4 and {(r_["k"], r_["l2_lambda"]) for r_ in runs} == {(1, 0.0), (1, 1e-3), (2, 0.0), (2, 1e-3)}
+    best = max(r_["val_acc"] for r_ in runs)
+    assert out["best"]["val_acc"] == best and out["runs"] == 4
+    pkg = load_package(out["package"])
+    assert pkg.meta.task_id == "swept" and pkg.meta.k == out["best"]["k"]
+    assert pkg.meta.training_config["l2_lambda"] == out["best"]["l2_lambda"]
+    assert (tmp_path / "fit" / "sweep" / "sweep.png").stat().st_size > 1000
+    assert "(best)" in (tmp_path / "fit" / "sweep" / "sweep.md").read_text()
+    r = CliRunner().invoke(app, ["sweep", "-c", str(y), "-q", "--k", "0,x"])
+    assert r.exit_code == 2 and "--k" in r.output

@@ -147,3 +147,40 @@ def test_eligible_modules_rules():
     assert "net.patch_embed.proj" not in names2 and not any(".mlp." in n for n in names2)
     with pytest.raises(SelectionError):
         eligible_modules(bb, include=["nothing-matches"])
+
+
+def test_layers_and_regularised_set_per_layout():
+    from grft_train.layers import block_key, describe_regularised, layers_of, regularised_modules
+
+    vit = ["net.patch_embed.proj"] + [f"net.blocks.{b}.{m}" for b in range(4) for m in ("attn.qkv", "mlp.fc2")]
+    assert regularised_modules(vit, vit, 2, True) == ["net.patch_embed.proj", "net.blocks.2.attn.qkv",
+                                                      "net.blocks.2.mlp.fc2", "net.blocks.3.attn.qkv",
+                                                      "net.blocks.3.mlp.fc2"]
+    assert regularised_modules(vit, vit, 1, False) == ["net.blocks.3.attn.qkv", "net.blocks.3.mlp.fc2"]
+    assert regularised_modules(vit, vit, 0, False) == []
+    assert regularised_modules(vit, vit, -1, False) == vit
+    # EfficientNet: every MBConv block is a layer (not each of the 7 stages); conv_head is the last layer
+    cnn = (["net.conv_stem"] + [f"net.blocks.{s}.{b}.conv_pw" for s in range(3) for b in range(2)]
+           + ["net.conv_head"])
+    assert block_key("net.blocks.2.1.conv_pw") == (2, 1)
+    lay = layers_of(cnn)
+    assert lay.stem == ["net.conv_stem"] and lay.final == ["net.conv_head"] and len(lay.blocks) == 6
+    assert regularised_modules(cnn, cnn, 2, True) == ["net.conv_stem", "net.blocks.2.1.conv_pw", "net.conv_head"]
+    # LLaMA: decoder layers; the token embedding is not patchable, so there is no stem
+    llama = [f"net.layers.{b}.{m}" for b in range(3) for m in ("self_attn.q_proj", "mlp.down_proj")]
+    assert regularised_modules(llama, llama, 1, True) == ["net.layers.2.self_attn.q_proj", "net.layers.2.mlp.down_proj"]
+    d = describe_regularised(llama, 1, True)
+    assert d["layers"] == ["block 2", "head"] and d["modules"] == 2 and d["layers_total"] == 3
+    assert describe_regularised(cnn, 2, True)["layers"] == ["stem", "block 2.1", "final", "head"]
+
+
+def test_select_full_pass_by_default(tmp_path):
+    torch.manual_seed(0)
+    bb = ModuleBackbone(_Pick(), "pick", 4).eval().requires_grad_(False)
+    sp = _tensor_splits(n=30)
+    cfg = SelectConfig(out=str(tmp_path / "s.safetensors"), k=1, batch_size=8, progress=False, device="cpu",
+                       heatmap=False)
+    sel = run_select(cfg, backbone=bb, splits=sp)
+    assert sel.meta["scl"]["batches"] == 4 and sel.meta["scl"]["samples"] == 30  # one full pass
+    capped = run_select(cfg.model_copy(update={"num_batches": 2}), backbone=bb, splits=sp)
+    assert capped.meta["scl"]["batches"] == 2
