@@ -89,7 +89,7 @@ class PackageMeta(BaseModel):
     preprocessing: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
     training_config: dict[str, Any] = {}
-    created: float = Field(default_factory=time.time)
+    created: float | None = Field(default_factory=time.time)  # a read package without one: None
 
     @field_validator("labels")
     @classmethod
@@ -256,6 +256,7 @@ def _parse_meta(header: dict) -> PackageMeta:
     if obj.get("format_version") != FORMAT_VERSION:
         raise UnsupportedFormatError(f"unsupported package format version {str(obj.get('format_version'))[:32]}; "
                                      f"this build reads {FORMAT_VERSION}")
+    obj.setdefault("created", None)  # reading is deterministic: no default timestamp
     try:
         return PackageMeta(**obj)
     except ValidationError as e:

@@ -418,3 +418,13 @@ def test_bias_only_entries(cnn, mode):
     assert d.k == 0 and d.bias is not None
     before = pkg.deltas[grouped].values.numel() if grouped in pkg.deltas else 0
     assert got.num_params() == pkg.num_params() - before + s.out_features
+
+
+def test_reading_is_deterministic_without_created(pkg):
+    m = json.loads(pkg.meta.model_dump_json())
+    del m["created"]
+    from safetensors.torch import save
+
+    data = save(pkg.tensors(), metadata={"grft": json.dumps(m)})
+    a, b = P.read_header(data), P.read_header(data)
+    assert a.meta.created is None and a == b
