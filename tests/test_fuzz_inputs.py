@@ -4,27 +4,21 @@ Every input — any JSON value, any text (lone surrogates and NULs included), ba
 real and corrupted images in every allowed format, extreme sizes and aspect ratios, and formats that
 must not be opened — is either accepted (a checked value: text, bytes, an RGB image within the
 limits) or refused with an :class:`ApiError` whose status is 4xx and whose body is the project's
-error shape. Nothing else may escape. Examples are bounded and derandomized (see
-``tests/test_fuzz_package.py`` for the profiles).
+error shape. Nothing else may escape. Examples are bounded and derandomized (profiles in
+``tests/fuzz_support.py``).
 """
 import base64
 import io
-import os
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+
+import fuzz_support  # noqa: F401,E402 - the hypothesis profiles
 
 inputs = pytest.importorskip("grft_serve.app.inputs")
 from grft_serve.app.config import Limits  # noqa: E402
 from grft_serve.app.schemas import ApiError  # noqa: E402
-
-N = int(os.environ.get("GRFT_FUZZ_EXAMPLES", "150"))
-settings.register_profile("ci", max_examples=N, deadline=None, derandomize=True, database=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("deep", max_examples=20 * N, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 LIMITS = Limits(max_text_chars=64, max_image_bytes=64 << 10, max_image_pixels=300_000, max_image_aspect_ratio=8.0)
 SAVE_FORMATS = ["PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"]

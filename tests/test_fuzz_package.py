@@ -8,32 +8,24 @@ tiny model. Every case must either register or raise a :class:`PackageError` wit
 nothing else may escape, the base weights stay bit-identical, and a reference task registered
 beforehand answers exactly as before. A case that registers must also serve on both paths.
 
-Examples are bounded (``GRFT_FUZZ_EXAMPLES``, default 150 per test) and derandomized, so CI is fast
-and repeatable; ``HYPOTHESIS_PROFILE=deep`` explores with fresh random cases.
+Examples are bounded and derandomized (profiles in ``tests/fuzz_support.py``).
 """
 import json
 import math
-import os
 import struct
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import tiny_mlp
+from fuzz_support import join, split
 from grft_serve.engine import Engine
 from grft_serve.package import PackageError, load_package, package_bytes, read_header
 from grft_serve.rowop import ModuleDelta
 from grft_serve.store import DirectoryTaskStore
 from grft_serve.testing import random_package
-
-N = int(os.environ.get("GRFT_FUZZ_EXAMPLES", "150"))
-settings.register_profile("ci", max_examples=N, deadline=None, derandomize=True, database=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("deep", max_examples=20 * N, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 MAX_BYTES = 4 << 20
 DTYPES = ["F32", "F16", "BF16", "F64", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2", "C64", ""]
@@ -130,17 +122,6 @@ json_leaf = (st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.i
              | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=6) | st.sampled_from(DTYPES))
 json_value = st.recursive(json_leaf, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c, max_size=3),
                           max_leaves=8)
-
-
-def split(data: bytes) -> tuple[dict, bytes]:
-    n = struct.unpack("<Q", data[:8])[0]
-    return json.loads(data[8:8 + n]), data[8 + n:]
-
-
-def join(header: dict, body: bytes) -> bytes:
-    h = json.dumps(header).encode()
-    h += b" " * (-len(h) % 8)
-    return struct.pack("<Q", len(h)) + h + body
 
 
 def _names(header):
@@ -287,24 +268,13 @@ def mutate_bytes(draw, data: bytes) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # properties
 # ---------------------------------------------------------------------------------------------
-@given(st.data())
-def test_fuzz_header(world, data):
-    world.check(mutate_header(data.draw, data.draw(st.sampled_from(world.seeds))))
+MUTATORS = [mutate_header, mutate_meta, mutate_tensors, mutate_bytes]
 
 
-@given(st.data())
-def test_fuzz_metadata(world, data):
-    world.check(mutate_meta(data.draw, data.draw(st.sampled_from(world.seeds))))
-
-
-@given(st.data())
-def test_fuzz_tensors(world, data):
-    world.check(mutate_tensors(data.draw, data.draw(st.sampled_from(world.seeds))))
-
-
-@given(st.data())
-def test_fuzz_bytes(world, data):
-    world.check(mutate_bytes(data.draw, data.draw(st.sampled_from(world.seeds))))
+@pytest.mark.parametrize("mutate", MUTATORS, ids=lambda m: m.__name__)
+@given(data=st.data())
+def test_fuzz(world, mutate, data):
+    world.check(mutate(data.draw, data.draw(st.sampled_from(world.seeds))))
 
 
 @given(st.binary(max_size=256))
@@ -319,7 +289,7 @@ def test_mutations_reach_every_outcome(world):
     @given(st.data())
     @settings(max_examples=200, derandomize=True, database=None, deadline=None)
     def collect(data):
-        m = data.draw(st.sampled_from([mutate_header, mutate_meta, mutate_tensors, mutate_bytes]))
+        m = data.draw(st.sampled_from(MUTATORS))
         seen.add(world.check(m(data.draw, data.draw(st.sampled_from(world.seeds)))))
 
     collect()

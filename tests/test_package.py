@@ -7,6 +7,7 @@ import struct
 import pytest
 import torch
 
+from fuzz_support import join, split
 from grft_serve import package as P
 from grft_serve.package import load_package, package_bytes, save_package
 from grft_serve.testing import random_package
@@ -197,21 +198,10 @@ def test_column_mode_rejected_on_grouped_conv(cnn):
 # ---------------------------------------------------------------------------------------------
 # the header: every malformed declaration is a PackageError with a 4xx status, never another exception
 # ---------------------------------------------------------------------------------------------
-def _split(data: bytes) -> tuple[dict, bytes]:
-    n = struct.unpack("<Q", data[:8])[0]
-    return json.loads(data[8:8 + n]), data[8 + n:]
-
-
-def _join(header: dict, body: bytes) -> bytes:
-    h = json.dumps(header).encode()
-    h += b" " * (-len(h) % 8)
-    return struct.pack("<Q", len(h)) + h + body
-
-
 def _edit(data: bytes, fn) -> bytes:
-    header, body = _split(data)
+    header, body = split(data)
     out = fn(header)
-    return _join(header, body) if out is None else out
+    return join(header, body) if out is None else out
 
 
 def _first(header: dict) -> str:
@@ -267,16 +257,16 @@ def test_overlapping_gapped_and_trailing_data_regions(pkg, base):
     _err(_edit(data, overlap), base, P.NotSafetensorsError, "overlap")
 
     def gap(h):
-        header, body = h, _split(data)[1]
+        header, body = h, split(data)[1]
         for k in _order(header):
             header[k]["data_offsets"] = [o + 4 for o in header[k]["data_offsets"]]
-        return _join(header, b"\0" * 4 + body)
+        return join(header, b"\0" * 4 + body)
     _err(_edit(data, gap), base, P.NotSafetensorsError, "gap")
     _err(data + b"\0" * 8, base, P.NotSafetensorsError, "after the last tensor")
 
 
 def test_duplicate_header_keys(pkg, base):
-    header, body = _split(package_bytes(pkg))
+    header, body = split(package_bytes(pkg))
     name = _first(header)
     raw = json.dumps(header)
     dup = raw[:-1] + f', "{name}": ' + json.dumps(header[name]) + "}"
