@@ -274,6 +274,10 @@ class TaskCache(Generic[H, D]):
         """The device value if ``task_id`` is on the device tier (no load, no LRU update)."""
         return self._entry(task_id).device
 
+    def host_value(self, task_id: str) -> H | None:
+        """The host value if ``task_id`` is on the host tier (no load, no LRU update)."""
+        return self._entry(task_id).host
+
     def hits(self, tier: str = "device") -> int:
         return self._t(tier).hits
 

@@ -33,15 +33,15 @@ _GEN = itertools.count(1)
 
 
 def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
-    n = 1
+    n = dtype.itemsize
     for s in shape:
         n *= s
-    return n * torch.empty((), dtype=dtype).element_size()
+    return n
 
 
 def structure_key(pkg, dtype: torch.dtype, row_group: dict[str, int]) -> tuple:
     """What determines a task's layout: per module (name, mode, k, has bias), head shape, dtype."""
-    mods = tuple((n, d.mode, d.k, d.bias is not None, row_group.get(n, -1)) for n, d in pkg.deltas.items())
+    mods = tuple(sorted((n, d.mode, d.k, d.bias is not None, row_group.get(n, -1)) for n, d in pkg.deltas.items()))
     return mods, tuple(pkg.head_weight.shape), dtype
 
 

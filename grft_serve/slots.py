@@ -100,14 +100,24 @@ class ModuleSlots:
                                                           self.bias_delta) if t is not None)
 
     # -- writes ---------------------------------------------------------------------------------
-    def set_rows(self, s: int, idx: torch.Tensor, vals: torch.Tensor, sel_bias: torch.Tensor) -> None:
+    def set_rows(self, s: int, idx: torch.Tensor, vals: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Slot ``s`` gets rows ``idx`` = ``vals``; ``bias``: the module's full bias (task's or base's)."""
         K = self.row_idx.shape[1]
         k = idx.numel()
-        sel = _pad_index(k, K, idx.device)
-        self.row_idx[s] = idx.index_select(0, sel)
-        self.row_vals[s] = vals.index_select(0, sel)
-        self.row_bias[s] = sel_bias.to(self.dtype).index_select(0, sel)
-        self.row_valid[s] = True
+        if k == K:  # the common case (same k for every task): plain copies
+            self.row_idx[s].copy_(idx)
+            self.row_vals[s].copy_(vals)
+        else:
+            sel = _pad_index(k, K, idx.device)
+            idx = idx.index_select(0, sel)
+            self.row_idx[s].copy_(idx)
+            self.row_vals[s].copy_(vals.index_select(0, sel))
+        if bias is None:
+            self.row_bias[s].zero_()
+        else:
+            torch.index_select(bias, 0, self.row_idx[s], out=self.row_bias[s]) if bias.dtype == self.dtype \
+                else self.row_bias[s].copy_(bias.index_select(0, self.row_idx[s]))
+        self.row_valid[s].fill_(True)
 
     def set_cols(self, s: int, idx: torch.Tensor, delta: torch.Tensor) -> None:
         k = idx.numel()
@@ -182,6 +192,7 @@ class SlotTables:
         self.loads += loads
         return out, loads
 
+    @torch.inference_mode()  # the tables are inference tensors (built in the engine's forward)
     def release(self, task_id: str) -> None:
         """Forget ``task_id``'s slot (unregistered or replaced)."""
         s = self.lru.pop(task_id, None)
@@ -233,17 +244,14 @@ class SlotTables:
         self._clear(s)
         for name, d in r.deltas():
             i, t = self.index[name], self.tables[name]
-            W = t.module.weight
             base_b = self._base_bias(name)
             if d.k and d.mode == ROW:
                 self.generation += t.ensure_rows(d.k)
-                b = d.bias if d.bias is not None else base_b
-                sel = b.index_select(0, d.indices) if b is not None else torch.zeros(d.k, dtype=t.dtype,
-                                                                                   device=t.device)
-                t.set_rows(s, d.indices, d.values, sel)
+                t.set_rows(s, d.indices, d.values, d.bias if d.bias is not None else base_b)
                 self.k_row[i, s] = d.k
             elif d.k:
                 self.generation += t.ensure_cols(d.k)
+                W = t.module.weight
                 delta = (d.values.float() - W.index_select(1, d.indices).float()).to(t.dtype)
                 t.set_cols(s, d.indices, delta)
                 self.k_col[i, s] = d.k

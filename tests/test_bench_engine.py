@@ -20,29 +20,39 @@ def _bench_main():
     return main
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_smoke_bench_reports_every_method_and_task_count(tmp_path):
     out = tmp_path / "bench.jsonl"
     records = _bench_main()(["--smoke", "--tasks", "1,3", "--batch", "6", "--repeats", "2", "--warmup", "0",
-                             "--min-time", "0.002", "--out", str(out)])
+                             "--min-time", "0.002", "--k", "2,5", "--later-k-tasks", "3", "--peft",
+                             "--many", "40", "--many-batches", "2", "--many-model", "all", "--out", str(out)])
     lines = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     assert lines == json.loads(json.dumps(records))
     for rec in lines:
         assert KEYS <= rec.keys(), rec
-        assert rec["device"] == "cpu" and rec["batch"] == 6 and rec["k"] == 2
+        assert rec["device"] == "cpu" and rec["batch"] == 6 and rec["k"] in (2, 5)
     models = {r["model"] for r in lines}
     assert len(models) == 2  # tiny ViT and tiny LLaMA
     for model in models:
         rs = [r for r in lines if r["model"] == model]
-        got = {(r["method"], r["tasks"]) for r in rs}
-        for m in ("base", "patch", "override"):
+        got = {(r["method"], r["tasks"], r["k"]) for r in rs}
+        for m in ("base", "patch", "override", "peft-lora", "override.plan"):
             for t in (1, 3):
-                assert (m, t) in got, (model, m, t)
+                assert (m, t, 2) in got, (model, m, t)
+        assert {("base", 3, 5), ("override", 3, 5)} <= got and ("peft-lora", 3, 5) not in got
+        peft = [r for r in rs if r["method"] == "peft-lora"]
+        assert all(r["lora_rank"] >= 1 and r["lora_params"] > 0 for r in peft)
+        many = {r["method"]: r for r in rs if r["method"].startswith("many.")}
+        assert many["many.register"]["registered"] == 40 and many["many.register"]["ms"] > 0
+        assert 0.5 < many["many.host"]["host_over_package"] < 1.5
+        assert many["many.mixed"]["ratio_to_10_tasks"] > 0 and many["many.mixed"]["slot_loads_per_batch"] > 0
+        rs = [r for r in rs if r["k"] == 2]
         for r in rs:
             if r["method"] in ("base", "patch", "override"):
                 assert r["pct_of_base"] > 0 and r["samples_per_s"] > 0 and r["ms"] > 0
             if r["method"] == "base":
                 assert r["pct_of_base"] == pytest.approx(100.0)
+        assert all(0 < r["share_of_override"] for r in rs if r["method"] == "override.plan")
         switch = [r for r in rs if r["method"] == "switch_ms"]
         assert len(switch) == 1 and switch[0]["ms"] > 0
         upload = [r for r in rs if r["method"] == "upload_ms"]
