@@ -4,7 +4,7 @@ Valid packages (row and column mode, biases on modules with and without a base b
 entries) are mutated at every layer — the header JSON (types and values of dtypes, shapes, offsets,
 entries, ``__metadata__``), the task metadata (every field, the preprocessing), the tensors (shapes,
 dtypes, index and value contents) and the raw bytes — and registered into an :class:`Engine` on a
-tiny model. Every case must either register or raise a :class:`PackageError` with a 4xx status;
+tiny MLP and a tiny CNN. Every case must either register or raise a :class:`PackageError` with a 4xx status;
 nothing else may escape, the base weights stay bit-identical, and a reference task registered
 beforehand answers exactly as before. A case that registers must also serve on both paths.
 
@@ -19,7 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import tiny_mlp
+from conftest import tiny_cnn, tiny_mlp
 from fuzz_support import join, split
 from grft_serve.engine import Engine
 from grft_serve.package import PackageError, load_package, package_bytes, read_header
@@ -29,15 +29,14 @@ from grft_serve.testing import random_package
 
 MAX_BYTES = 4 << 20
 DTYPES = ["F32", "F16", "BF16", "F64", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2", "C64", ""]
-X = torch.randn(3, 12, generator=torch.Generator().manual_seed(0))
 
 
 class World:
-    """One engine on a tiny MLP (a bias-free Linear included), valid seed packages, a reference task."""
+    """One engine on a tiny model (a bias-free module included), valid seed packages, a reference task."""
 
-    def __init__(self, root):
+    def __init__(self, root, backbone, x):
         self.store = DirectoryTaskStore(root)
-        self.backbone = tiny_mlp()
+        self.backbone, self.x = backbone, x
         self.engine = Engine(self.backbone, max_package_bytes=MAX_BYTES)
         spec = self.engine.spec
         fp = spec.fingerprint
@@ -52,8 +51,8 @@ class World:
             deltas[name] = ModuleDelta("row", d.indices[:k], d.values[:k], torch.randn(s.out_features))
         pkg.deltas = deltas
         self.seeds.append(package_bytes(pkg))
-        self.engine.register(package_bytes(random_package(self.backbone, "ref", k=2, tune_bias=True,
-                                                          fingerprint=fp, seed=7)))
+        self.ref_data = package_bytes(random_package(self.backbone, "ref", k=2, tune_bias=True, fingerprint=fp, seed=7))
+        self.engine.register(self.ref_data)
         self.ref_logits = self.forward("ref")
         self.base = self.snapshot()
 
@@ -61,7 +60,7 @@ class World:
         return {k: v.detach().clone() for k, v in self.backbone.state_dict().items()}
 
     def forward(self, tid: str, path: str = "patch") -> torch.Tensor:
-        logits, _ = self.engine.forward(X, [tid] * len(X), path=path)
+        logits, _ = self.engine.forward(self.x, [tid] * len(self.x), path=path)
         return torch.stack(logits)
 
     def header_outcome(self, source) -> object:
@@ -93,7 +92,7 @@ class World:
             if info.task_id != "ref":
                 for path in ("patch", "override"):
                     got = self.forward(info.task_id, path)
-                    assert got.shape == (len(X), len(info.meta.labels))
+                    assert got.shape == (len(self.x), len(info.meta.labels))
                 self.engine.unregister(info.task_id)
         after = self.snapshot()
         assert after.keys() == self.base.keys()
@@ -105,11 +104,14 @@ class World:
         return outcome
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    w = World(tmp_path_factory.mktemp("fuzz-store"))
-    w.ref_data = package_bytes(random_package(w.backbone, "ref", k=2, tune_bias=True,
-                                              fingerprint=w.engine.spec.fingerprint, seed=7))
+@pytest.fixture(scope="module", params=["mlp", "cnn"])
+def world(request, tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    if request.param == "mlp":  # linear layers, one without a bias
+        bb, x = tiny_mlp(), torch.randn(3, 12, generator=g)
+    else:  # convs: grouped (row mode only), bias-free, BN
+        bb, x = tiny_cnn(), torch.randn(2, 3, 32, 32, generator=g)
+    w = World(tmp_path_factory.mktemp("fuzz-store"), bb, x)
     for s in w.seeds:  # the seeds themselves are valid
         assert w.check(s) == "registered"
     return w
@@ -126,6 +128,14 @@ json_value = st.recursive(json_leaf, lambda c: st.lists(c, max_size=4) | st.dict
 
 def _names(header):
     return [k for k in header if k != "__metadata__"]
+
+
+def _targets(names) -> list[str]:
+    """Tensor names a mutation may move or copy a tensor to: the package's modules' other parts,
+    the head, and names that are not a module of the base."""
+    mods = sorted({n.rpartition(".")[0] for n in names if not n.startswith("head.")})
+    return [f"{m}.{part}" for m in mods for part in ("indices", "values", "bias")] + \
+        ["head.weight", "head.bias", ".values", "nope.values", "x.bias"]
 
 
 def mutate_header(draw, data: bytes) -> bytes:
@@ -159,8 +169,7 @@ def mutate_header(draw, data: bytes) -> bytes:
         elif op == "dtype" and name:
             header[name]["dtype"] = draw(st.sampled_from(DTYPES))
         elif op == "rename" and name:
-            new = draw(st.sampled_from(["head.weight", "head.bias", ".values", "x.bias", "net.0.indices",
-                                        "net.2.values", "net.4.bias", "net.2.bias", "nope.values", "__metadata__"]))
+            new = draw(st.sampled_from(_targets(names) + ["__metadata__"]))
             header[new] = header.pop(name)
         elif op == "drop" and name:
             del header[name]
@@ -235,8 +244,7 @@ def mutate_tensors(draw, data: bytes) -> bytes:
         elif op == "drop":
             t.pop(name)
         elif op == "copy":
-            other = draw(st.sampled_from(["net.0.bias", "net.2.bias", "net.4.bias", "net.0.indices", "net.2.values",
-                                          "head.bias", "net.9.values"]))
+            other = draw(st.sampled_from(_targets(list(t))))
             t[other] = v.clone()
         elif op == "empty":
             t[name] = v[:0].clone() if v.dim() else v
