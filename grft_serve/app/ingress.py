@@ -29,8 +29,11 @@ from .config import AppConfig, make_store
 from .guard import Guard
 from .index import TaskEntry, TaskIndex
 from .inputs import check_input
+from .oip import OipRoutes
+from .residency import ResidencyView, StateDir
 from .schemas import (ERR, ERRORS_PREDICT, ERRORS_READ, ApiError, BatchPredictRequest, PredictRequest,
                       PredictResponse, TaskList, TaskOut)
+from . import task_metrics
 
 __all__ = ["Ingress"]
 
@@ -49,7 +52,7 @@ _REGISTER_BODY = {"requestBody": {"required": True, "content": {"multipart/form-
         "replace": {"type": "boolean", "default": False}}}}}}}
 
 
-class Ingress:
+class Ingress(OipRoutes):
     def __init__(self, config: dict, backbones: dict):
         self.cfg = AppConfig(**config)
         self.limits = self.cfg.limits
@@ -57,6 +60,8 @@ class Ingress:
         self.handles = backbones  # name -> DeploymentHandle
         self.store = make_store(self.cfg.store)
         self.index = TaskIndex(self.store, ttl_s=self.cfg.task_cache_ttl_s)
+        self.residency = ResidencyView(StateDir.for_store(self.store))  # pins + what each replica holds
+        task_metrics.configure(self.cfg.metrics_task_label_cap)
         self._info: dict[str, dict] | None = None
         self._info_lock = asyncio.Lock()
 
@@ -81,7 +86,7 @@ class Ingress:
                 "base_model_id": m.get("base_model_id", ""), "base_fingerprint": m.get("base_fingerprint", ""),
                 "mode": m.get("mode", ""), "labels": m.get("labels", []), "num_params": e.num_params,
                 "bytes": e.bytes, "metrics": m.get("metrics", {}), "preprocessing": m.get("preprocessing", {}),
-                "created": m.get("created")}
+                "created": m.get("created"), **self.residency.of(e.task_id)}
 
     async def _entry(self, tid: str, force: bool = False) -> TaskEntry:
         e = await asyncio.to_thread(lambda: self.index.snapshot(force=True).get(tid) if force else self.index.get(tid))
@@ -100,6 +105,7 @@ class Ingress:
         if bb is None:
             raise ApiError(409, "no_backbone", f"task {tid!r} needs base {e.meta.get('base_model_id')} "
                                                "which no backbone of this app serves")
+        task_metrics.note(tid)
         return bb, e.version
 
     # -- endpoints: ops -------------------------------------------------------------------------------
@@ -272,7 +278,7 @@ class Ingress:
         top_k = self._check_top_k(top_k)
         inputs = await self._check_inputs([kind] * len(raw), raw, encoded)
         items = [{"task": task_id, "version": version, "input": x} for x in inputs]
-        return {"predictions": await self._dispatch([bb] * len(items), items, top_k)}
+        return JSONResponse({"predictions": await self._dispatch([bb] * len(items), items, top_k)})
 
     @api.post("/v1/predict", response_model=PredictResponse, summary="Predict a batch of items for many tasks",
               tags=["predict"], responses=ERRORS_PREDICT,
@@ -297,7 +303,7 @@ class Ingress:
         infos = await self.backbones()
         inputs = await self._check_inputs([infos[b]["kind"] for b in bbs], [it.input for it in body.items], True)
         items = [{"task": it.task, "version": v, "input": x} for it, v, x in zip(body.items, versions, inputs)]
-        return {"predictions": await self._dispatch(bbs, items, top_k)}
+        return JSONResponse({"predictions": await self._dispatch(bbs, items, top_k)})
 
     # -- predict helpers ---------------------------------------------------------------------------------
     @staticmethod
@@ -367,6 +373,7 @@ class Ingress:
 
     async def _dispatch(self, bbs: list[str], items: list[dict], top_k: int) -> list[dict]:
         """ONE call per backbone with all of this request's inputs for it; answers back in order."""
+        task_metrics.note_inputs(items)
         groups: dict[str, list[int]] = {}
         for i, b in enumerate(bbs):
             groups.setdefault(b, []).append(i)

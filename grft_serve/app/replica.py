@@ -40,6 +40,7 @@ from ..store import TaskNotFoundError, content_version
 from .config import BackboneDeploymentConfig, Limits, make_store
 from .index import TaskIndex
 from .inputs import decode_image
+from .residency import ReplicaResidency
 from .schemas import ApiError, error_item
 
 __all__ = ["BackboneServer", "collate"]
@@ -97,7 +98,8 @@ def _replica_id() -> str:
 class BackboneServer:
     """Owns one engine; answers whole requests; batches across concurrent requests by inputs."""
 
-    def __init__(self, spec: dict, store: dict, limits: dict, sync_interval_s: float = 2.0):
+    def __init__(self, spec: dict, store: dict, limits: dict, sync_interval_s: float = 2.0,
+                 metrics_task_label_cap: int = 100):
         import torch
 
         from ..backbones import load_backbone
@@ -127,6 +129,8 @@ class BackboneServer:
         self.store = make_store(store)
         self.index = TaskIndex(self.store, ttl_s=0.0)
         self.replica = _replica_id()
+        self.residency = ReplicaResidency(self.engine, self.store, self._ensure, self.name, self.replica,
+                                          metrics_task_label_cap)  # pins, reports, per-task metrics
         self._pool = ThreadPoolExecutor(self.spec.decode_workers, thread_name_prefix=f"grft-decode-{self.name}")
         self._load_lock = threading.Lock()
         self._bad: set[tuple[str, str]] = set()  # (task, version) that failed validation here
@@ -139,17 +143,16 @@ class BackboneServer:
     # -- task loading ---------------------------------------------------------------------------
     def _ensure(self, tid: str, version: str | None) -> None:
         """Make the engine hold ``tid`` at ``version`` (or the store's current one), loading it lazily."""
-        have = {t.task_id: t.version for t in self.engine.tasks()}
-        if tid in have and (version is None or have[tid] == version):
+        if self._holds(tid, version):
             return
         with self._load_lock:
-            have = {t.task_id: t.version for t in self.engine.tasks()}
-            if tid in have and (version is None or have[tid] == version):
+            if self._holds(tid, version):
                 return
+            have = self._holds(tid, None)
             try:
                 data = self.store.get(tid)
             except (TaskNotFoundError, ValueError):
-                if tid in have:  # deleted from the store since: stop serving it
+                if have:  # deleted from the store since: stop serving it
                     self.engine.unregister(tid)
                 raise ApiError(404, "unknown_task", f"unknown task {tid!r}") from None
             v = content_version(data)
@@ -163,6 +166,13 @@ class BackboneServer:
                 raise ApiError(422, "broken_task", f"stored task {tid!r} failed validation: {e.message}") from None
             M.set_gauge("grft_tasks_loaded", len(self.engine.tasks()), self.tags)
 
+    def _holds(self, tid: str, version: str | None) -> bool:
+        try:
+            info = self.engine.task(tid)
+        except KeyError:
+            return False
+        return version is None or info.version == version
+
     def sync(self) -> dict:
         """Drop tasks that are gone from the store (or were replaced by a package of another base)."""
         want = self.index.versions_for(self.engine.spec.fingerprint)
@@ -174,7 +184,7 @@ class BackboneServer:
                     removed.append(t.task_id)
                 except KeyError:
                     pass
-        self.last_sync = {"removed": removed, "at": time.time()}
+        self.last_sync = {"removed": removed, "at": time.time(), **self.residency.sync(want)}
         M.inc("grft_syncs", 1, self.tags)
         M.set_gauge("grft_tasks_loaded", len(self.engine.tasks()), self.tags)
         return self.last_sync
