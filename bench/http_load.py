@@ -23,16 +23,19 @@ def run_window(url: str, bodies: list[bytes], n_inputs: int, clients: int, warmu
 
     done: list[tuple[float, float, bool, float | None]] = []  # (sent, finished, ok, mean batch_size)
     failures: list[str] = []
-    lock, start = threading.Lock(), threading.Barrier(clients + 1)
-    sent = [0]
-    t0 = time.perf_counter() + 0.05
-    w0, w1 = t0 + warmup_s, t0 + warmup_s + seconds
+    lock, sent, win = threading.Lock(), [0], [0.0, math.inf]  # window [start, end] set when all clients are up
+
+    def open_window() -> None:
+        t0 = time.perf_counter()
+        win[:] = [t0 + warmup_s, t0 + warmup_s + seconds]
+
+    start = threading.Barrier(clients + 1, action=open_window)
 
     def client(c: int) -> None:
         with requests.Session() as s:
             start.wait()
             k = c
-            while time.perf_counter() < w1:
+            while time.perf_counter() < win[1]:
                 with lock:
                     if sent[0] >= max_requests:
                         return
@@ -59,12 +62,10 @@ def run_window(url: str, bodies: list[bytes], n_inputs: int, clients: int, warmu
     threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
     for t in threads:
         t.start()
-    while time.perf_counter() < t0:
-        time.sleep(0.001)
     start.wait()
     for t in threads:
-        t.join(timeout_s + max(w1 - time.perf_counter(), 0) + 5)
-    inside = [d for d in done if w0 <= d[1] <= w1]
+        t.join(timeout_s + max(win[1] - time.perf_counter(), 0) + 5)
+    inside = [d for d in done if win[0] <= d[1] <= win[1]]
     good = [d for d in inside if d[2]]
     lat = np.array([(d[1] - d[0]) * 1e3 for d in good]) if good else np.array([math.nan])
     sizes = [d[3] for d in good if d[3] is not None]

@@ -40,6 +40,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 import socket
 import sys
 import tempfile
@@ -73,7 +74,7 @@ BASELINE = {"single": "single", "batch": "batch", "mixed": "batch"}  # the plain
 # setup: config, packages, images
 # ---------------------------------------------------------------------------------------------
 def load_app_config(path: Path, backbone: str | None) -> tuple[dict, dict]:
-    """The app ``args`` of a deployments/*.yaml file reduced to ONE image backbone, and that entry."""
+    """The app ``args`` of a deployments/*.yaml file reduced to ONE backbone (``backbone`` or the first)."""
     import yaml
 
     if not path.is_file():
@@ -82,13 +83,10 @@ def load_app_config(path: Path, backbone: str | None) -> tuple[dict, dict]:
     apps = raw.get("applications") if isinstance(raw, dict) else None
     args = dict((apps[0].get("args") or {}) if apps else raw)
     entries = args.get("backbones") or []
-    pick = [b for b in entries if (b.get("name") == backbone if backbone else
-                                   (b.get("backbone") or {}).get("type") != "hf"
-                                   and (b.get("backbone") or {}).get("name") not in ("minilm", "smollm2"))]
+    pick = [b for b in entries if backbone is None or b.get("name") == backbone]
     if not pick:
-        names = [b.get("name") for b in entries]
-        raise SystemExit(f"bench/serve.py: {path} has no {'backbone ' + repr(backbone) if backbone else 'image backbone'}"
-                         f" (backbones: {names}); this benchmark sends PNG images")
+        raise SystemExit(f"bench/serve.py: {path} has no backbone {backbone!r} "
+                         f"(backbones: {[b.get('name') for b in entries]})")
     args["backbones"] = [pick[0]]
     return args, pick[0]
 
@@ -103,7 +101,8 @@ def make_packages(spec: dict, n: int, input_size: int | None, k: int) -> tuple[l
         torch.manual_seed(int(spec["seed"]))
     bb = load_backbone(spec["backbone"])
     if bb.kind != "image":
-        raise SystemExit(f"bench/serve.py: backbone {spec.get('name')!r} is a {bb.kind} backbone; PNG inputs need an image one")
+        raise SystemExit(f"bench/serve.py: backbone {spec.get('name')!r} is a {bb.kind} backbone; "
+                         "the requests carry PNG images (pick an image backbone with --backbone)")
     if input_size:
         bb.set_input_size(input_size)
     pkgs = [package_bytes(random_package(bb, f"bench-{i:02d}", k=k, n_labels=10, seed=i)) for i in range(n)]
@@ -139,7 +138,8 @@ def _bodies(scenario: str, images: list[str], tasks: list[str], batch: int, n: i
     for j in range(n):
         xs = [images[(j * batch + i) % len(images)] for i in range(1 if scenario == "single" else batch)]
         if scenario == "mixed":
-            body = {"items": [{"task": tasks[i % len(tasks)], "input": x} for i, x in enumerate(xs)], "top_k": 5}
+            body = {"items": [{"task": tasks[(j * batch + i) % len(tasks)], "input": x} for i, x in enumerate(xs)],
+                    "top_k": 5}
         else:
             body = {"inputs": xs, "top_k": 5}
         out.append(json.dumps(body).encode())
@@ -171,7 +171,8 @@ def _free_port() -> int:
 # ---------------------------------------------------------------------------------------------
 # run
 # ---------------------------------------------------------------------------------------------
-def start_apps(args: argparse.Namespace, app_args: dict, spec: dict, packages: list[bytes], store: str) -> tuple[str, dict]:
+def start_apps(args: argparse.Namespace, app_args: dict, spec: dict, packages: list[bytes],
+               store: str) -> tuple[str, dict]:
     """ONE local Ray, grft-serve at ``/`` and the plain app at ``/plain``; register the packages."""
     import ray
     import requests
@@ -193,7 +194,8 @@ def start_apps(args: argparse.Namespace, app_args: dict, spec: dict, packages: l
     url = f"http://127.0.0.1:{port}"
     mb = int(spec.get("max_batch_size", 16))
     plain = PlainModel.options(
-        num_replicas=int(spec.get("replicas", 1)), max_ongoing_requests=spec.get("max_ongoing_requests") or max(4 * mb, 32),
+        num_replicas=int(spec.get("replicas", 1)),
+        max_ongoing_requests=spec.get("max_ongoing_requests") or max(4 * mb, 32),
         ray_actor_options={"num_cpus": spec.get("num_cpus", 0.5), "num_gpus": spec.get("num_gpus", 0.0)},
     ).bind(spec, packages[0])
     t = time.perf_counter()
@@ -217,15 +219,16 @@ def check_answers(url: str, images: list[str], tasks: list[str], batch: int) -> 
     import requests
 
     xs = images[:batch]
+    want = [tasks[i % len(tasks)] for i in range(len(xs))]
     a = requests.post(f"{url}/plain/predict", json={"inputs": xs, "top_k": 1}, timeout=300)
     b = requests.post(f"{url}/v1/tasks/{tasks[0]}/predict", json={"inputs": xs, "top_k": 1}, timeout=300)
-    m = requests.post(f"{url}/v1/predict", json={"items": [{"task": tasks[i % len(tasks)], "input": x}
-                                                           for i, x in enumerate(xs)], "top_k": 1}, timeout=300)
+    m = requests.post(f"{url}/v1/predict", json={"items": [{"task": t, "input": x} for t, x in zip(want, xs)],
+                                                 "top_k": 1}, timeout=300)
     for r in (a, b, m):
         if r.status_code != 200:
             raise RuntimeError(f"{r.url}: HTTP {r.status_code} {r.text[:500]}")
     mixed = m.json()["predictions"]
-    if [p["task"] for p in mixed] != [tasks[i % len(tasks)] for i in range(len(xs))] or not all(p.get("version") for p in mixed):
+    if [p["task"] for p in mixed] != want or not all(p.get("version") for p in mixed):
         raise RuntimeError("grft-serve's mixed answers do not name the requested tasks and their versions")
     return sum(p["label"] == q["label"] for p, q in zip(a.json()["predictions"], b.json()["predictions"])) / len(xs)
 
@@ -253,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                   "input_size": facts["preprocessing"]["timm_data_config"]["input_size"][-1],
                   "device": plain_info["device"], "dtype": plain_info["dtype"], "replicas": spec.get("replicas", 1),
                   "num_cpus": spec.get("num_cpus", 0.5), "torch_threads": spec.get("torch_threads", 1),
+                  "max_batch_size": spec.get("max_batch_size"),
+                  "batch_wait_timeout_s": spec.get("batch_wait_timeout_s"),
                   "clients": args.clients, "seconds": args.seconds, "warmup_s": args.warmup, "images": source,
                   "tasks_registered": len(tasks), "k": args.k, "agree": agree}
         print(f"[bench] setup {time.perf_counter() - t_setup:.0f} s; plain vs grft top-1 agreement on task 0: "
@@ -265,27 +270,28 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                     continue
                 path = ("/plain/predict" if system == "plain" else "/v1/predict" if sc == "mixed"
                         else f"/v1/tasks/{tasks[0]}/predict")
+                load = os.getloadavg()[0]
                 res = run_window(url + path, _bodies(sc, images, tasks, args.batch), n, args.clients, args.warmup,
                                  args.seconds, args.max_requests, args.timeout)
-                rec = {**common, "system": system, "scenario": sc, "inputs_per_request": n,
+                rec = {**common, "system": system, "scenario": sc, "inputs_per_request": n, "loadavg_1m": load,
                        "tasks_per_request": min(n, len(tasks)) if sc == "mixed" else 1, **res}
                 if system == "plain":
                     plain[sc] = rec
                 else:
                     base = plain[BASELINE[sc]]
                     rec.update(baseline=f"plain/{BASELINE[sc]}",
-                               ratio_inputs_per_s=rec["inputs_per_s"] / base["inputs_per_s"] if base["inputs_per_s"] else None,
+                               ratio_inputs_per_s=(rec["inputs_per_s"] / base["inputs_per_s"]
+                                                   if base["inputs_per_s"] else None),
                                ratio_p50=rec["p50_ms"] / base["p50_ms"], ratio_p99=rec["p99_ms"] / base["p99_ms"])
                 out.emit(rec)
     finally:
         out.close()
-        serve.shutdown()
-        ray.shutdown()
-        import shutil
-
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
         shutil.rmtree(store, ignore_errors=True)
     err = not out.to_file
-    render_table(out.items, Console(stderr=err, width=None if (sys.stderr if err else sys.stdout).isatty() else 130))
+    render_table(out.items, Console(stderr=err, width=None if (sys.stderr if err else sys.stdout).isatty() else 150))
     return out.items
 
 
@@ -300,14 +306,15 @@ def render_table(records: list[dict], console) -> None:
               caption=f"ratios: grft / plain (mixed vs plain batch); {r0['tasks_registered']} tasks registered; "
                       f"top-1 agreement plain vs grft {r0['agree']:.3f}; images: {r0['images']}")
     for c in ("scenario", "inputs x tasks", "system", "inputs/s", "p50 ms", "p99 ms", "errors (all)",
-              "inputs/s ratio", "p50 ratio", "served batch"):
+              "inputs/s ratio", "p50 ratio", "served batch", "load 1m"):
         t.add_column(c, justify="left" if c in ("scenario", "system") else "right")
     for r in records:
-        ratio = r.get("ratio_inputs_per_s")
-        t.add_row(r["scenario"], f"{r['inputs_per_request']} x {r['tasks_per_request']}", r["system"], f"{r['inputs_per_s']:.1f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}",
-                  f"{r['errors']} ({r['errors_total']})", "-" if ratio is None else f"{100 * ratio:.0f} %",
-                  "-" if r["system"] == "plain" else f"{r['ratio_p50']:.2f}x",
-                  "-" if r["mean_batch_size"] is None else f"{r['mean_batch_size']:.1f}")
+        ratio, grft = r.get("ratio_inputs_per_s"), r["system"] == "grft"
+        t.add_row(r["scenario"], f"{r['inputs_per_request']} x {r['tasks_per_request']}", r["system"],
+                  f"{r['inputs_per_s']:.1f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}",
+                  f"{r['errors']} ({r['errors_total']})", f"{100 * ratio:.0f} %" if ratio is not None else "-",
+                  f"{r['ratio_p50']:.2f}x" if grft else "-",
+                  f"{r['mean_batch_size']:.1f}" if r["mean_batch_size"] is not None else "-", f"{r['loadavg_1m']:.1f}")
     console.print(t)
     for r in records:
         if r["failures"]:
@@ -317,9 +324,12 @@ def render_table(records: list[dict], console) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny random ViT (deployments/tiny.yaml), 4 clients, 2 s windows")
-    p.add_argument("--config", default=None, help="a deployments/*.yaml app config (default: local.yaml; smoke: tiny.yaml)")
-    p.add_argument("--backbone", default=None, help="backbone entry of the config to use (default: its first image one)")
+    p.add_argument("--smoke", action="store_true", 
+                   help="tiny random ViT (deployments/tiny.yaml), 4 clients, 2 s windows")
+    p.add_argument("--config", default=None, 
+                   help="a deployments/*.yaml app config (default: local.yaml; smoke: tiny.yaml)")
+    p.add_argument("--backbone", default=None, 
+                   help="backbone entry of the config to use (default: its first; must be an image one)")
     p.add_argument("--clients", type=int, default=None, help="concurrent HTTP clients (default 8, smoke 4)")
     p.add_argument("--seconds", type=float, default=None, help="measured window per run (default 15, smoke 2)")
     p.add_argument("--warmup", type=float, default=None, help="warm-up before each window (default 3, smoke 1)")
@@ -331,7 +341,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input-size", type=int, default=None,
                    help="square input size the packages were 'trained' at (default 64 px as the Fashion-MNIST demo; "
                         "smoke: the model's own); 0: the model's own")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: max(2, what both apps ask))")
+    p.add_argument("--num-cpus", type=int, default=None, 
+                   help="CPUs of the local Ray (default: max(2, what both apps ask))")
     p.add_argument("--only", default=",".join(SCENARIOS), help=f"comma list of scenarios ({', '.join(SCENARIOS)})")
     p.add_argument("--out", default=None, help="write JSON lines here (default: stdout)")
     a = p.parse_args(argv)
