@@ -14,20 +14,21 @@ KEYS = {"bench", "system", "scenario", "inputs_per_request", "tasks_per_request"
         "dtype", "replicas", "num_cpus", "agree"}
 
 
-def _bench():
+def _bench(name: str):
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    import bench.serve
+    import importlib
 
-    return bench.serve
+    return importlib.import_module(f"bench.{name}")
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
 
-def _serve(fail_every: int):
-    """A real HTTP server answering one prediction per input, and HTTP 503 on every ``fail_every``-th call."""
+def _drive(fail_every: int, bodies: list[bytes], n_inputs: int, **window) -> tuple[dict, int]:
+    """``run_window`` against a real HTTP server answering one prediction per input (HTTP 503 on every
+    ``fail_every``-th call); returns the figures and how many calls the server saw."""
     seen = {"n": 0}
     lock = threading.Lock()
 
@@ -50,46 +51,38 @@ def _serve(fail_every: int):
 
     srv = _Server(("127.0.0.1", 0), H)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
-    return srv, seen
+    try:
+        res = _bench("http_load").run_window(f"http://127.0.0.1:{srv.server_address[1]}/predict", bodies, n_inputs,
+                                             timeout_s=5, **window)
+    finally:
+        srv.shutdown()
+    return res, seen["n"]
 
 
 @pytest.mark.timeout(60)
 def test_window_counts_inputs_latency_and_errors_over_http():
-    b = _bench()
-    srv, seen = _serve(fail_every=3)
-    try:
-        url = f"http://127.0.0.1:{srv.server_address[1]}/predict"
-        bodies = [json.dumps({"inputs": ["x", "y"], "top_k": 1}).encode()]
-        res = b.run_window(url, bodies, 2, clients=3, warmup_s=0.2, seconds=0.6, max_requests=10_000, timeout_s=5)
-    finally:
-        srv.shutdown()
+    bodies = [json.dumps({"inputs": ["x", "y"], "top_k": 1}).encode()]
+    res, calls = _drive(3, bodies, 2, clients=3, warmup_s=0.2, seconds=0.6, max_requests=10_000)
     assert res["requests"] > 0 and res["errors"] > 0 and res["stuck_clients"] == 0
     assert res["inputs"] == 2 * res["requests"]
     assert res["inputs_per_s"] == pytest.approx(res["inputs"] / 0.6)
     assert 0 < res["p50_ms"] <= res["p99_ms"]
     assert res["errors_total"] >= res["errors"]
     # every 3rd call fails, and every call ends in the record (warm-up and drain included)
-    assert res["errors_total"] == seen["n"] // 3
+    assert res["errors_total"] == calls // 3
     assert res["mean_batch_size"] == pytest.approx(4.0)
     assert any("HTTP 503" in f for f in res["failures"])
 
 
 @pytest.mark.timeout(60)
 def test_window_is_bounded_by_count_and_rejects_bad_options():
-    b = _bench()
-    srv, seen = _serve(fail_every=0)
-    try:
-        url = f"http://127.0.0.1:{srv.server_address[1]}/predict"
-        res = b.run_window(url, [b'{"inputs": ["x"]}'], 1, clients=4, warmup_s=0.0, seconds=1.0, max_requests=7,
-                           timeout_s=5)
-    finally:
-        srv.shutdown()
-    assert seen["n"] == 7 and res["requests"] <= 7 and res["errors_total"] == 0
+    res, calls = _drive(0, [b'{"inputs": ["x"]}'], 1, clients=4, warmup_s=0.0, seconds=1.0, max_requests=7)
+    assert calls == 7 and res["requests"] <= 7 and res["errors_total"] == 0
+    parse_args = _bench("serve").parse_args
     for bad in (["--only", "nope"], ["--clients", "0"], ["--seconds", "-1"]):
         with pytest.raises(SystemExit):
-            b.parse_args(bad)
-    a = b.parse_args(["--only", "mixed"])
-    assert a.only == ["mixed"]
+            parse_args(bad)
+    assert parse_args(["--only", "mixed"]).only == ["mixed"]
 
 
 @pytest.mark.slow
