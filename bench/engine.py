@@ -179,7 +179,8 @@ def bench_model(b: Bench, args, device: torch.device, dtype: torch.dtype, emit: 
         if t > batch_size:
             print(f"[bench] {b.name}: skipping T={t} > batch {batch_size}", file=sys.stderr)
     raw = copy.deepcopy(b.backbone) if args.peft else None  # PEFT's copy, before the engine re-homes weights
-    engine = Engine(b.backbone, device=device, dtype=dtype, device_cache_bytes=args.device_cache_mb << 20)
+    engine = Engine(b.backbone, device=device, dtype=dtype, device_cache_bytes=args.device_cache_mb << 20,
+                    graphs=args.graphs)
     n_params = sum(p.numel() for p in b.backbone.parameters())
     g = torch.Generator().manual_seed(0)
     batch = Backbone.batch_to(b.make_batch(batch_size, g), device, dtype)  # on the device up front
@@ -196,6 +197,7 @@ def bench_model(b: Bench, args, device: torch.device, dtype: torch.dtype, emit: 
         common = {"model": b.name, "batch": batch_size, "dtype": str(dtype).replace("torch.", ""),
                   "device": device.type, "device_name": _device_name(device), "k": k,
                   "task_params": info.num_params, "task_bytes": info.nbytes, "base_params": n_params,
+                  "graphs": args.graphs,
                   "patchable_modules": len(engine.modules), "torch": torch.__version__, **b.shape}
         print(f"[bench] {b.name} k={k}: {n_params / 1e6:.1f}M params, {len(engine.modules)} patchable modules, "
               f"{info.num_params} params/task ({100 * info.num_params / n_params:.3f} %), {len(pkgs)} tasks "
@@ -363,6 +365,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--many-batches", type=int, default=None, help="batches per side for --many (default 5)")
     p.add_argument("--many-model", choices=["vit", "llama", "all"], default="llama",
                    help="which model gets the --many case (default llama)")
+    p.add_argument("--graphs", action="store_true",
+                   help="Engine(graphs=True): CUDA graphs per (path, batch bucket); on CPU the same code runs eagerly")
     p.add_argument("--device-cache-mb", type=int, default=1024)
     p.add_argument("--no-diagnostics", action="store_true", help="skip override.plan / engine.heads")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (smoke/cpu default 1)")

@@ -33,6 +33,7 @@ from torch import nn
 from .backbones import Backbone
 from .base import BaseSpec, fingerprint_modules, iter_patchable
 from .cache import TaskCache, UnknownTaskError
+from .graphs import GraphRunner
 from .package import DEFAULT_MAX_BYTES, PackageMeta, PreprocessingMismatchError, TaskPackage, load_package, \
     package_bytes, read_package_bytes
 from .packed import Layout, Packed, Resident, structure_key
@@ -96,13 +97,14 @@ class Engine:
     ``device_cache_bytes`` caps the task bytes on the device (LRU); ``host_cache_bytes`` caps the
     host tier (None: unbounded; only tasks registered from a store can leave it); ``max_slots`` is
     the number of tasks the mixed path keeps in its slot tables (default 256 on CUDA, 64 on CPU);
-    ``max_package_bytes`` caps accepted packages; ``dtype`` is the serving dtype.
+    ``max_package_bytes`` caps accepted packages; ``dtype`` is the serving dtype; ``graphs`` replays
+    captured CUDA graphs per (path, batch-size bucket) (:mod:`grft_serve.graphs`).
     """
 
     def __init__(self, backbone: Backbone, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  device_cache_bytes: int = 1 << 30, max_package_bytes: int = DEFAULT_MAX_BYTES,
                  device_tier: bool | None = None, host_cache_bytes: int | None = None,
-                 max_slots: int | None = None):
+                 max_slots: int | None = None, graphs: bool = False):
         self.backbone = backbone
         self.device = torch.device(device)
         self.max_package_bytes = max_package_bytes
@@ -124,6 +126,8 @@ class Engine:
         self.slots = SlotTables(self.modules, self._base_bias,
                                 max_slots or (256 if self.device.type == "cuda" else 64))
         self._layouts: dict[tuple, Layout] = {}
+        # CUDA graphs per (path, batch bucket, input shape); on CPU the same static-buffer code runs eagerly
+        self.graphs = GraphRunner(self) if graphs else None
         self._lock = threading.RLock()
         self._tasks: dict[str, TaskInfo] = {}
         self._pinned: set[str] = set()
@@ -357,6 +361,8 @@ class Engine:
         if path not in ("auto", "patch", "override"):
             raise ValueError(f"path must be 'auto', 'patch' or 'override', not {path!r}")
         unique = list(dict.fromkeys(task_ids))
+        if not unique:
+            return [], [], BatchReport("patch", [], 0, seconds=time.perf_counter() - t0)
         pos = {t: i for i, t in enumerate(unique)}
         use_patch = path == "patch" or (path == "auto" and len(unique) == 1)
         report = BatchReport("patch" if use_patch else "override", unique, n)
@@ -371,15 +377,21 @@ class Engine:
             if use_patch:
                 parts = []
                 for i, r in enumerate(res):
+                    sub = batch if sel is None else Backbone.batch_select(batch, sel[i])
                     with self.patched(r):
-                        parts.append(self.backbone(batch if sel is None else Backbone.batch_select(batch, sel[i])))
+                        f = self.graphs.run(sub, "patch", tuple(r.layout.free_bias)) if self.graphs else None
+                        parts.append(self.backbone(sub) if f is None else f)
             else:
-                plans, report.slot_loads = self.prepare_mixed(unique, res, [pos[t] for t in task_ids])
-                try:
-                    self.hooks.active.update(plans)
-                    feats = self.backbone(batch)
-                finally:
-                    self.hooks.active.clear()
+                plans, sample_slot, report.slot_loads = self.prepare_mixed(unique, res, [pos[t] for t in task_ids])
+                feats = self.graphs.run(batch, "override", sample_slot=sample_slot) if self.graphs else None
+                if feats is None:
+                    if plans is None:  # the graph declined this batch (size / capture): plan it now
+                        plans = self.slots.plan(sorted(set(sample_slot)), self._slot_tensor(sample_slot))
+                    try:
+                        self.hooks.active.update(plans)
+                        feats = self.backbone(batch)
+                    finally:
+                        self.hooks.active.clear()
                 parts = [feats] if sel is None else [feats.index_select(0, s) for s in sel]
             logits = self.heads(parts, res, groups)
             report.cache_hits, report.cache_misses = usage.hits, usage.misses
@@ -396,10 +408,15 @@ class Engine:
 
     def prepare_mixed(self, unique: Sequence[str], res: Sequence[Resident], sample_pos: Sequence[int]):
         """The per-batch work of the override path: slots for the tasks (written if new), the sample →
-        slot index (one host-to-device copy) and the per-module plans. Returns (plans, slot loads)."""
+        slot index and (without graphs) the per-module plans, whose index is one host-to-device copy.
+        Returns (plans or None, sample slots, slot loads)."""
         slots, loads = self.slots.assign(unique, res, protect=self._pinned)
-        sample_slot = torch.tensor([slots[p] for p in sample_pos], dtype=torch.long).to(self.device, non_blocking=True)
-        return self.slots.plan(slots, sample_slot), loads
+        sample_slot = [slots[p] for p in sample_pos]
+        plans = None if self.graphs else self.slots.plan(slots, self._slot_tensor(sample_slot))
+        return plans, sample_slot, loads
+
+    def _slot_tensor(self, sample_slot: Sequence[int]) -> torch.Tensor:
+        return torch.tensor(sample_slot, dtype=torch.long).to(self.device, non_blocking=True)
 
     @staticmethod
     def heads(parts: Sequence[torch.Tensor], res: Sequence[Resident], groups: Sequence[list[int]]) -> list:
@@ -451,4 +468,5 @@ class Engine:
         with self._lock:
             return {**self.counters, "tasks": len(self._tasks), "device_cache_bytes": self.cache.nbytes("device"),
                     "host_cache_bytes": self.cache.nbytes("host"), "pinned": len(self._pinned),
-                    **self.slots.stats(), "cache": self.cache.stats()}
+                    **self.slots.stats(), **(self.graphs.stats() if self.graphs else {}),
+                    "cache": self.cache.stats()}
