@@ -2,12 +2,14 @@
 
 For deployments that serve a single task without the engine (an edge box, another runtime): the
 task's rows/columns/biases are written into a copy of the base and its head is attached, so the
-result is an ordinary model whose logits equal the engine's for that task. ``export_onnx`` writes it
-atomically and checks it with onnxruntime against PyTorch before returning.
+result is an ordinary model whose logits equal the engine's for that task. ``export_onnx`` checks it
+with onnxruntime against PyTorch, records the task's labels, preprocessing and version in the ONNX
+``metadata_props``, and publishes the file atomically (mode 0666 less the umask).
 """
 from __future__ import annotations
 
 import copy
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -16,9 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import atomic_write
 from .backbones import Backbone
 from .package import TaskPackage, load_package
 from .rowop import ROW
+from .store import content_version
+
+__all__ = ["MergedTask", "merge_task", "export_onnx", "onnx_metadata"]
 
 
 class MergedTask(nn.Module):
@@ -78,17 +84,38 @@ def _example(backbone: Backbone, pkg: TaskPackage) -> dict[str, torch.Tensor]:
     raise ValueError(f"ONNX export supports image and text backbones, not {backbone.kind!r}")
 
 
+def onnx_metadata(pkg: TaskPackage, version: str | None) -> dict[str, str]:
+    """``metadata_props`` of an exported task: what a runtime needs to feed it and read its output."""
+    m = pkg.meta
+    props = {"grft.task_id": m.task_id, "grft.labels": json.dumps(list(m.labels)),
+             "grft.preprocessing": json.dumps(m.preprocessing), "grft.base_model_id": m.base_model_id,
+             "grft.base_fingerprint": m.base_fingerprint, "grft.mode": m.mode,
+             "grft.package_format_version": str(m.format_version)}
+    if version is not None:
+        props["grft.task_version"] = version
+    return props
+
+
 def export_onnx(backbone: Backbone, package: str | os.PathLike | bytes, out: str | os.PathLike,
                 opset: int = 18, atol: float = 1e-4) -> dict:
     """Export ``package`` merged into ``backbone`` to ``out`` (ONNX, dynamic batch and sequence axes).
 
-    The file is checked with onnxruntime on an example batch before it is moved into place; returns
-    ``{"path", "inputs", "max_abs_diff", "labels"}``. Raises ``RuntimeError`` if outputs differ by more
-    than ``atol``.
+    The model's ``metadata_props`` carry the task's labels, preprocessing and version (the store's
+    content version, :func:`grft_serve.store.content_version`). The file is checked with onnxruntime
+    on an example batch, then published atomically with the default file mode (umask honoured);
+    returns ``{"path", "inputs", "max_abs_diff", "labels", "metadata"}``. Raises ``RuntimeError`` if
+    outputs differ by more than ``atol``.
     """
+    import onnx
     import onnxruntime as ort
 
-    pkg = package if isinstance(package, TaskPackage) else load_package(package, base=backbone.describe())
+    version = None
+    if not isinstance(package, TaskPackage):
+        data = package if isinstance(package, bytes) else Path(package).read_bytes()
+        version = content_version(data)
+        pkg = load_package(data, base=backbone.describe())
+    else:
+        pkg = package
     merged = merge_task(backbone, pkg).cpu().float()
     ex = _example(backbone, pkg)
     module: nn.Module = _TextEntry(merged) if backbone.kind == "text" else merged
@@ -96,23 +123,21 @@ def export_onnx(backbone: Backbone, package: str | os.PathLike | bytes, out: str
     batch = torch.export.Dim("batch")
     tokens = torch.export.Dim("tokens")
     shapes = tuple({0: batch, 1: tokens} if backbone.kind == "text" else {0: batch} for _ in names)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    props = onnx_metadata(pkg, version)
+    with tempfile.TemporaryDirectory(prefix="grft-onnx-") as tmpdir:
+        tmp = str(Path(tmpdir) / "model.onnx")
         with torch.no_grad():
             torch.onnx.export(module, tuple(ex.values()), tmp, dynamo=True, input_names=names,
                               output_names=["logits"], dynamic_shapes=shapes, opset_version=opset,
                               external_data=False)
             want = module(*ex.values()).numpy()
-        sess = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+        model = onnx.load(tmp)
+        onnx.helper.set_model_props(model, props)
+        blob = model.SerializeToString()
+        sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
         got = sess.run(None, {n: t.numpy() for n, t in ex.items()})[0]
-        diff = float(abs(got - want).max())
-        if diff > atol:
-            raise RuntimeError(f"ONNX output differs from PyTorch by {diff:.3g} (> {atol})")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return {"path": str(out), "inputs": names, "max_abs_diff": diff, "labels": merged.labels}
+    diff = float(abs(got - want).max())
+    if diff > atol:
+        raise RuntimeError(f"ONNX output differs from PyTorch by {diff:.3g} (> {atol})")
+    atomic_write(out, blob)
+    return {"path": str(out), "inputs": names, "max_abs_diff": diff, "labels": merged.labels, "metadata": props}

@@ -1,4 +1,4 @@
-"""Helpers shared by select / fit / eval: devices, backbones, data and batches, progress, seeding."""
+"""Helpers shared by select / fit / eval: devices, backbones, data and batches, seeding."""
 from __future__ import annotations
 
 import logging
@@ -89,13 +89,6 @@ def iter_batches(ds: SampleSet, batch_size: int, shuffle: bool = False,
                  generator: np.random.Generator | None = None) -> Iterator[tuple[list[Any], torch.Tensor]]:
     """``(raw inputs, labels)`` batches read by DataLoader workers (see :mod:`grft_train.loader`)."""
     return raw_batches(ds, batch_size, shuffle, generator)
-
-
-def progress(total: int, desc: str, enabled: bool = True):
-    """A tqdm bar on a terminal only (``disable=None``: off when stderr is not a TTY)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, disable=None if enabled else True, leave=False)
 
 
 def module_block(name: str) -> int | None:

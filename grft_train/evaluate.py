@@ -19,7 +19,8 @@ from grft_serve.package import load_package
 from .common import apply_threads, apply_preprocessing_meta, build_backbone, load_data, resolve_device
 from .config import EvalConfig
 from .data import DataError, DataSplits, SampleSet
-from .fit import Prepared, evaluate_prepared
+from .loader import Batches
+from .prepared import evaluate_prepared
 from .model import TaskModel
 
 
@@ -39,7 +40,7 @@ def _remap(ds: SampleSet, data_labels: list[str], pkg_labels: list[str]) -> Samp
     if missing:
         raise DataError(f"data labels {missing} are unknown to the package (labels {pkg_labels})")
     m = {i: pkg_labels.index(n) for i, n in enumerate(data_labels)}
-    return SampleSet(ds.source, ds.positions, [m[t] for t in ds.targets], pkg_labels)
+    return SampleSet(ds.source, ds.positions, [m[t] for t in ds.targets], pkg_labels, ds.workers)
 
 
 def run_eval(cfg: EvalConfig, backbone: Backbone | None = None, splits: DataSplits | None = None) -> dict:
@@ -55,7 +56,7 @@ def run_eval(cfg: EvalConfig, backbone: Backbone | None = None, splits: DataSpli
         if splits is None:
             splits = load_data(cfg, backbone)
         ds = _remap(splits.split(cfg.split), splits.labels, list(model.meta.labels))
-        res = evaluate_prepared(model, Prepared(ds, backbone), device, cfg.batch_size, return_logits=True)
+        res = evaluate_prepared(model, Batches(ds, backbone), device, cfg.batch_size, return_logits=True)
     finally:
         model.close()
     logits = res.pop("logits")

@@ -94,6 +94,14 @@ def _sample_transform(backbone: Backbone, augment: Callable | None) -> Callable 
     return lambda x: backbone.preprocess([x])[0]
 
 
+def _token_collate(backbone: Backbone) -> Callable:
+    """Text batches: the backbone tokenises the batch's texts (padded to the longest)."""
+    def collate(items):
+        x, y = _collate_raw(items)
+        return backbone.preprocess(x), y
+    return collate
+
+
 class Batches:
     """A split ready for batching: ``batches(bs, shuffle, rng)`` yields ``(model batch, labels)``.
 
@@ -116,11 +124,7 @@ class Batches:
             return iter(())
         order = (rng or np.random.default_rng(0)).permutation(len(self.ds)) if shuffle else None
         bb = self.backbone
-        collate = None
-        if bb.kind == "text":
-            def collate(items):
-                x, y = _collate_raw(items)
-                return bb.preprocess(x), y
+        collate = _token_collate(bb) if bb.kind == "text" else None
         workers = resolve_workers(self.workers, len(self.ds), bs, bb.kind)
         return iter(make_loader(self.ds, bs, workers=workers, transform=_sample_transform(bb, self.augment_tf),
                                 collate=collate, order=order, pin_memory=_model_device(bb).type == "cuda"))

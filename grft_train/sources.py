@@ -22,6 +22,7 @@ import importlib.util
 import io
 import json
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -302,6 +303,9 @@ def rotten_tomatoes_path() -> Path | None:
 def _hf_open(path: Path):
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import datasets
+
+    if not sys.stderr.isatty():
+        datasets.disable_progress_bars()  # no progress frames in logs
 
     try:
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():

@@ -33,6 +33,37 @@ def test_merged_and_onnx_match_engine(tmp_path):
     assert torch.allclose(merged, served, atol=1e-5)
 
 
+def test_onnx_metadata_and_file_modes(tmp_path):
+    """The ONNX file says what it serves (labels, preprocessing, task version); written files are
+    readable by other users as the umask allows (0644 under 022, 0640 under 027), not mkstemp's 0600."""
+    import os
+    import stat
+
+    import onnx
+
+    from grft_serve.store import content_version
+
+    bb = tiny_vit()
+    old = os.umask(0o022)
+    try:
+        pkg = random_package(bb, "meta-task", mode="row", k=2, seed=2)
+        path = save_package(pkg, tmp_path / "m.grft.safetensors")
+        export_onnx(bb, path, tmp_path / "m.onnx")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        assert stat.S_IMODE((tmp_path / "m.onnx").stat().st_mode) == 0o644
+        os.umask(0o027)
+        export_onnx(bb, path, tmp_path / "m2.onnx")
+        assert stat.S_IMODE((tmp_path / "m2.onnx").stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert json.loads(props["grft.labels"]) == pkg.meta.labels
+    assert json.loads(props["grft.preprocessing"]) == json.loads(json.dumps(pkg.meta.preprocessing))
+    assert props["grft.task_version"] == content_version(path.read_bytes())
+    assert props["grft.task_id"] == "meta-task" and props["grft.base_fingerprint"] == bb.describe().fingerprint
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 def test_text_export_and_cli_errors(tmp_path):
     from transformers import BertConfig, BertModel, BertTokenizer
 
