@@ -131,18 +131,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _per_call(fn: Callable[[], Any], iters: int, device: torch.device) -> float:
-    """Seconds per call of ``fn`` averaged over ``iters`` calls, synchronised at both ends."""
+_CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def _per_call(fn: Callable[[], Any], iters: int, device: torch.device, clock: str = "wall") -> float:
+    """Seconds per call of ``fn`` averaged over ``iters`` calls, synchronised at both ends. ``clock``:
+    "wall", or "cpu" — the calling thread's CPU time, which other processes on a shared machine do
+    not inflate (valid on CPU with ONE torch thread: all the work runs in this thread)."""
+    now = _CLOCKS[clock]
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = now()
     for _ in range(iters):
         fn()
     _sync(device)
-    return (time.perf_counter() - t0) / iters
+    return (now() - t0) / iters
 
 
 def measure(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int,
-            min_time: float, max_iters: int = 1000) -> dict[str, dict]:
+            min_time: float, max_iters: int = 1000, clock: str = "wall") -> dict[str, dict]:
     """Median seconds per call of each fn: warm-up, calibrate iterations per fn so that one timed
     block lasts ~``min_time``, then ``repeats`` rounds in which the fns run interleaved in an order
     that rotates every round (slow drift — clocks, thermals, allocator — hits every method alike)."""
@@ -151,7 +157,7 @@ def measure(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: in
     for n in names:
         for _ in range(warmup):
             fns[n]()
-        one = min(_per_call(fns[n], 1, device) for _ in range(2))
+        one = min(_per_call(fns[n], 1, device, clock) for _ in range(2))
         iters[n] = max(1, min(max_iters, math.ceil(min_time / max(one, 1e-7))))
     times: dict[str, list[float]] = {n: [] for n in names}
     gc.collect()
@@ -161,7 +167,7 @@ def measure(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: in
         for r in range(repeats):
             s = r % len(names)
             for n in names[s:] + names[:s]:
-                times[n].append(_per_call(fns[n], iters[n], device))
+                times[n].append(_per_call(fns[n], iters[n], device, clock))
     finally:
         if gc_was:
             gc.enable()
@@ -197,7 +203,7 @@ def bench_model(b: Bench, args, device: torch.device, dtype: torch.dtype, emit: 
         common = {"model": b.name, "batch": batch_size, "dtype": str(dtype).replace("torch.", ""),
                   "device": device.type, "device_name": _device_name(device), "k": k,
                   "task_params": info.num_params, "task_bytes": info.nbytes, "base_params": n_params,
-                  "graphs": args.graphs,
+                  "graphs": args.graphs, "clock": args.clock,
                   "patchable_modules": len(engine.modules), "torch": torch.__version__, **b.shape}
         print(f"[bench] {b.name} k={k}: {n_params / 1e6:.1f}M params, {len(engine.modules)} patchable modules, "
               f"{info.num_params} params/task ({100 * info.num_params / n_params:.3f} %), {len(pkgs)} tasks "
@@ -211,8 +217,8 @@ def bench_model(b: Bench, args, device: torch.device, dtype: torch.dtype, emit: 
         common = {"model": b.name, "batch": batch_size, "dtype": str(dtype).replace("torch.", ""),
                   "device": device.type, "device_name": _device_name(device), "k": args.k[0],
                   "torch": torch.__version__, **b.shape}
-        bench_many(engine, first_pkg, batch, batch_size, max(tasks), args.many, args.many_batches, common, emit,
-                   lambda: _sync(device))
+        bench_many(engine, first_pkg, batch, batch_size, max(tasks), args.many, args.many_batches,
+                   {**common, "clock": args.clock}, emit, lambda: _sync(device), _CLOCKS[args.clock])
     del engine, batch, raw
     gc.collect()
     if device.type == "cuda":
@@ -257,7 +263,7 @@ def _bench_T(engine: Engine, b: Bench, raw, batch, feats, batch_size: int, k: in
         if not args.no_diagnostics:
             fns["override.plan"] = plan
             fns["engine.heads"] = heads
-        res_t = measure(fns, device, args.repeats, args.warmup, args.min_time)
+        res_t = measure(fns, device, args.repeats, args.warmup, args.min_time, clock=args.clock)
     base_s = res_t["base"]["s"]
     for m in METHODS:
         if m not in res_t:
@@ -285,7 +291,8 @@ def _switch_and_upload(engine: Engine, tid: str, args, device, common: dict, emi
             with engine.patched(r0):
                 pass
 
-        sw = measure({"switch": switch}, device, args.repeats, args.warmup, args.min_time)["switch"]
+        sw = measure({"switch": switch}, device, args.repeats, args.warmup, args.min_time,
+                     clock=args.clock)["switch"]
         calls = 2 * (len(r0.row_groups) + (r0.bias_patch is not None))
     emit({**common, "method": "switch_ms", "tasks": 1, "samples_per_s": None, "pct_of_base": None,
           "ms": 1e3 * sw["s"], "ms_min": 1e3 * sw["min"], "ms_max": 1e3 * sw["max"], "iters": sw["iters"],
@@ -367,6 +374,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="which model gets the --many case (default llama)")
     p.add_argument("--graphs", action="store_true",
                    help="Engine(graphs=True): CUDA graphs per (path, batch bucket); on CPU the same code runs eagerly")
+    p.add_argument("--clock", choices=["wall", "cpu"], default=None,
+                   help="time per call: wall clock, or the serving thread's CPU time (robust on a shared "
+                        "machine; CPU with one torch thread only). Default: cpu for --cpu/--smoke, else wall")
     p.add_argument("--device-cache-mb", type=int, default=1024)
     p.add_argument("--no-diagnostics", action="store_true", help="skip override.plan / engine.heads")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (smoke/cpu default 1)")
@@ -384,6 +394,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a.many = a.many if a.many is not None else (10000 if a.cpu else 0)
     a.many_batches = a.many_batches or 5
     a.size = "smoke" if a.smoke else "cpu" if a.cpu else "full"
+    a.clock = a.clock or ("cpu" if small and (a.threads or 1) == 1 else "wall")
+    if a.clock == "cpu" and (a.threads or 1) != 1:
+        p.error("--clock cpu needs one torch thread (--threads 1)")
     if any(t < 1 for t in a.tasks) or any(k < 1 for k in a.k):
         p.error("--tasks and --k must be positive")
     return a

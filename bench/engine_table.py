@@ -27,7 +27,8 @@ def render_table(records: Sequence[dict], console) -> None:
             if r["method"] == "peft-lora" and r["tasks"] == Ts[-1]:
                 notes.append(f"peft-lora: rank {r['lora_rank']}, {r['lora_params']} params/adapter "
                              f"(GRFT task: {r['task_params']})")
-        t = Table(title=f"{model}: batch {first['batch']}{extra}, {first['dtype']}, k={k}, {first['device_name']}",
+        t = Table(title=f"{model}: batch {first['batch']}{extra}, {first['dtype']}, k={k}, {first['device_name']}, "
+                        f"{first.get('clock', 'wall')} clock",
                   caption="% of base throughput, samples/s; diagnostics: ms per batch, share of override\n"
                           + "; ".join(notes))
         t.add_column("method")

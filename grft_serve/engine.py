@@ -198,6 +198,8 @@ class Engine:
             self.slots.release(pkg.task_id)
             self.cache.add(pkg.task_id, version, packed, reload)
             self._tasks[pkg.task_id] = info
+            if pkg.task_id in self._pinned:  # a pinned task stays on the device across a replace
+                self.cache.pin(pkg.task_id)
         return info
 
     def validate(self, data: bytes) -> TaskPackage:

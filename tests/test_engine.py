@@ -258,6 +258,9 @@ def test_pinned_and_in_use_tasks_are_never_evicted(vit):
         h.remove()
     assert eng.residency()["t0"]["tier"] == "device" and eng.slots.slot_of("t0") is not None
     assert eng.cache.evictions() > 0
+    v0 = eng.task("t0").version
+    eng.register(random_package(vit, "t0", k=2, seed=99), replace=True)  # still pinned, back on the device
+    assert eng.task("t0").version != v0 and eng.residency()["t0"]["tier"] == "device"
     eng.unpin("t0")
     for tid in ["t1", "t2", "t3"]:
         eng.forward(x, [tid] * 2)
