@@ -1,7 +1,7 @@
-"""Splits ready for training loops: preprocessed batches, frozen features, and evaluation.
+"""Splits ready for training loops: frozen features, augmentation, and evaluation.
 
-:class:`Prepared` preprocesses an image split once (unless it is augmented on the fly) and batches
-text raw (tokenised per batch, padded to the batch's longest input); :class:`FeatureSet` holds a
+Batches of a split come from :class:`grft_train.loader.Batches` (streamed through DataLoader
+workers, nothing preprocessed up front); :class:`FeatureSet` holds a
 split's frozen backbone features, computed once, for head-only training (a linear probe);
 :func:`evaluate_prepared` gives loss and accuracy of a model on either.
 """
@@ -15,43 +15,9 @@ from torch import nn
 from grft_serve.backbones import Backbone
 
 from .common import autocast_ctx
-from .data import SampleSet
+from .loader import Batches
 
-__all__ = ["FeatureSet", "Prepared", "evaluate_prepared", "train_augment"]
-
-
-# ---------------------------------------------------------------------------------------------
-# data preparation
-# ---------------------------------------------------------------------------------------------
-class Prepared:
-    """A split ready for batching: image tensors preprocessed once (unless augmenting), text raw."""
-
-    def __init__(self, ds: SampleSet, backbone: Backbone, augment_tf=None, chunk: int = 256):
-        self.ds = ds
-        self.backbone = backbone
-        self.y = torch.tensor(ds.targets, dtype=torch.long)
-        self.augment_tf = augment_tf
-        self.x = None
-        if backbone.kind == "image" and augment_tf is None and len(ds):
-            parts = []
-            for s in range(0, len(ds), chunk):
-                parts.append(backbone.preprocess([ds[i][0] for i in range(s, min(s + chunk, len(ds)))]))
-            self.x = torch.cat(parts)
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def batches(self, bs: int, shuffle: bool = False, rng: np.random.Generator | None = None):
-        order = rng.permutation(len(self)) if shuffle else np.arange(len(self))
-        for s in range(0, len(order), bs):
-            idx = order[s:s + bs]
-            y = self.y[idx]
-            if self.x is not None:
-                yield self.x[torch.as_tensor(idx)], y
-            elif self.augment_tf is not None:
-                yield torch.stack([self.augment_tf(self.ds[int(i)][0]) for i in idx]), y
-            else:
-                yield self.backbone.preprocess([self.ds[int(i)][0] for i in idx]), y
+__all__ = ["FeatureSet", "evaluate_prepared", "train_augment"]
 
 
 def train_augment(backbone: Backbone):
@@ -71,7 +37,7 @@ class FeatureSet:
 
     @classmethod
     @torch.no_grad()
-    def compute(cls, data: Prepared, backbone: Backbone, device: torch.device, bs: int, bf16: bool) -> "FeatureSet":
+    def compute(cls, data: Batches, backbone: Backbone, device: torch.device, bs: int, bf16: bool) -> "FeatureSet":
         parts = []
         for batch, _ in data.batches(bs):
             with autocast_ctx(device, bf16):
@@ -90,7 +56,7 @@ class FeatureSet:
 
 
 @torch.no_grad()
-def evaluate_prepared(model: nn.Module, data: "Prepared | FeatureSet", device: torch.device, bs: int,
+def evaluate_prepared(model: nn.Module, data: "Batches | FeatureSet", device: torch.device, bs: int,
                       bf16: bool = True, return_logits: bool = False):
     """Loss and accuracy of ``model`` (a :class:`TaskModel`, or a head on a :class:`FeatureSet`)."""
     model.eval()
