@@ -15,7 +15,8 @@ Every method includes one task-head matmul and the copy of the logits to the hos
 
 Diagnostics (time per batch, not throughput): ``override.plan`` (the per-batch work before the
 override forward: slot lookup, sample → slot index, per-module plans — ``Engine.prepare_mixed``) and
-``engine.heads`` (the per-task heads on ready features), with their share of the ``override`` step;
+``engine.heads`` (the override path's heads: one ``bmm`` from the slot tables), with their share of
+the ``override`` step;
 ``switch_ms`` (one whole-task patch + restore) and ``upload_ms`` (one cold device-tier load of a task:
 host→device copy + views; CUDA only). ``--many N`` adds the N-task case (:mod:`bench.engine_scale`).
 
@@ -231,10 +232,9 @@ def _bench_T(engine: Engine, b: Bench, raw, batch, feats, batch_size: int, k: in
     ids = [f"k{k}t{j % T}" for j in range(batch_size)]  # spread evenly over T tasks
     unique = list(dict.fromkeys(ids))
     pos = [unique.index(t) for t in ids]
-    groups = [[j for j, t in enumerate(ids) if t == u] for u in unique]
-    parts = [feats.index_select(0, torch.tensor(gr, device=device)) for gr in groups]
     with engine.cache.use(unique) as (res, _):  # held for the measurement: nothing of T is evicted
         head = res[0]
+        _, sample_slot, slot_t, _ = engine.prepare_mixed(unique, res, pos)
 
         @torch.inference_mode()
         def base():
@@ -247,8 +247,8 @@ def _bench_T(engine: Engine, b: Bench, raw, batch, feats, batch_size: int, k: in
             _sync(device)
 
         @torch.inference_mode()
-        def heads():  # Engine.run's per-task heads on ready features
-            return engine.heads(parts, res, groups)
+        def heads():  # the override path's heads (from the slot tables) on ready features
+            return engine.slots.heads(feats, slot_t, sample_slot)
 
         fns = {"base": base,
                "patch": lambda: engine.forward(batch, ids, path="patch"),

@@ -371,31 +371,32 @@ class Engine:
         with self._lock, self.cache.use(unique) as (res, usage):
             versions = [self.cache.version(t) for t in task_ids]
             batch = Backbone.batch_to(batch, self.device, self.dtype)
-            # per-task sample lists are built on the host: no device syncs for the routing
-            groups: list[list[int]] = [[] for _ in unique]
-            for i, t in enumerate(task_ids):
-                groups[pos[t]].append(i)
-            sel = [torch.tensor(g, device=self.device) for g in groups] if len(unique) > 1 else None
             if use_patch:
+                # per-task sample lists are built on the host: no device syncs for the routing
+                groups: list[list[int]] = [[] for _ in unique]
+                for i, t in enumerate(task_ids):
+                    groups[pos[t]].append(i)
+                sel = [torch.tensor(g, device=self.device) for g in groups] if len(unique) > 1 else None
                 parts = []
                 for i, r in enumerate(res):
                     sub = batch if sel is None else Backbone.batch_select(batch, sel[i])
                     with self.patched(r):
                         f = self.graphs.run(sub, "patch", tuple(r.layout.free_bias)) if self.graphs else None
                         parts.append(self.backbone(sub) if f is None else f)
+                logits = self.heads(parts, res, groups)
             else:
-                plans, sample_slot, report.slot_loads = self.prepare_mixed(unique, res, [pos[t] for t in task_ids])
-                feats = self.graphs.run(batch, "override", sample_slot=sample_slot) if self.graphs else None
+                plans, sample_slot, slot_t, report.slot_loads = self.prepare_mixed(unique, res,
+                                                                                   [pos[t] for t in task_ids])
+                feats = self.graphs.run(batch, "override", sample_slot=slot_t) if self.graphs else None
                 if feats is None:
                     if plans is None:  # the graph declined this batch (size / capture): plan it now
-                        plans = self.slots.plan(sorted(set(sample_slot)), self._slot_tensor(sample_slot))
+                        plans = self.slots.plan(sorted(set(sample_slot)), slot_t)
                     try:
                         self.hooks.active.update(plans)
                         feats = self.backbone(batch)
                     finally:
                         self.hooks.active.clear()
-                parts = [feats] if sel is None else [feats.index_select(0, s) for s in sel]
-            logits = self.heads(parts, res, groups)
+                logits = self.slots.heads(feats, slot_t, sample_slot)  # one bmm for all the heads
             report.cache_hits, report.cache_misses = usage.hits, usage.misses
             report.cache_evictions, report.store_loads = usage.evictions, usage.store_loads
             c = self.counters
@@ -410,15 +411,13 @@ class Engine:
 
     def prepare_mixed(self, unique: Sequence[str], res: Sequence[Resident], sample_pos: Sequence[int]):
         """The per-batch work of the override path: slots for the tasks (written if new), the sample →
-        slot index and (without graphs) the per-module plans, whose index is one host-to-device copy.
-        Returns (plans or None, sample slots, slot loads)."""
+        slot index (one host-to-device copy) and, without graphs, the per-module plans. Returns
+        (plans or None, sample slots, the same on the device, slot loads)."""
         slots, loads = self.slots.assign(unique, res, protect=self._pinned)
         sample_slot = [slots[p] for p in sample_pos]
-        plans = None if self.graphs else self.slots.plan(slots, self._slot_tensor(sample_slot))
-        return plans, sample_slot, loads
-
-    def _slot_tensor(self, sample_slot: Sequence[int]) -> torch.Tensor:
-        return torch.tensor(sample_slot, dtype=torch.long).to(self.device, non_blocking=True)
+        slot_t = torch.tensor(sample_slot, dtype=torch.long).to(self.device, non_blocking=True)
+        plans = None if self.graphs else self.slots.plan(slots, slot_t)
+        return plans, sample_slot, slot_t, loads
 
     @staticmethod
     def heads(parts: Sequence[torch.Tensor], res: Sequence[Resident], groups: Sequence[list[int]]) -> list:

@@ -88,7 +88,7 @@ class GraphRunner:
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
 
-    def run(self, batch: Any, path: str, free_bias: tuple = (), sample_slot: Sequence[int] | None = None):
+    def run(self, batch: Any, path: str, free_bias: tuple = (), sample_slot: torch.Tensor | None = None):
         """Features of ``batch`` from a graph (captured on first use), or None: run it eagerly."""
         n = Backbone.batch_len(batch)
         size = self.bucket(n)
@@ -104,9 +104,9 @@ class GraphRunner:
             if g is None:
                 return None
         _copy_into(g.inputs, _pad(batch, size))
-        if g.sample_slot is not None:
-            ss = list(sample_slot) + [sample_slot[0]] * (size - n)
-            g.sample_slot.copy_(torch.tensor(ss, dtype=torch.long), non_blocking=True)
+        if g.sample_slot is not None:  # padding samples reuse the first sample's slot
+            g.sample_slot[:n].copy_(sample_slot)
+            g.sample_slot[n:].copy_(sample_slot[:1].expand(size - n))
         return g.replay()[:n].clone()  # the static output is overwritten by the next replay
 
     def _make(self, key: tuple, batch: Any, path: str) -> _Graph | None:

@@ -166,6 +166,9 @@ class SlotTables:
         self.k_row = np.zeros((M, self.capacity), dtype=np.int32)
         self.k_col = np.zeros((M, self.capacity), dtype=np.int32)
         self.has_bias = np.zeros((M, self.capacity), dtype=bool)
+        self.head_w: torch.Tensor | None = None  # [S, C, D]: each slot's head, zero-padded to the most classes
+        self.head_b: torch.Tensor | None = None  # [S, C]
+        self.classes = np.zeros(self.capacity, dtype=np.int64)
         self.owner: list[tuple[str, int] | None] = [None] * self.capacity  # (task id, upload gen)
         self.lru: OrderedDict[str, int] = OrderedDict()  # task id -> slot
         self.generation = 0  # bumps whenever a buffer is reallocated (captured graphs go stale)
@@ -227,6 +230,10 @@ class SlotTables:
         self.k_row = np.pad(self.k_row, ((0, 0), (0, pad)))
         self.k_col = np.pad(self.k_col, ((0, 0), (0, pad)))
         self.has_bias = np.pad(self.has_bias, ((0, 0), (0, pad)))
+        self.classes = np.pad(self.classes, (0, pad))
+        if self.head_w is not None:
+            self.head_w = torch.cat([self.head_w, self.head_w.new_zeros((pad, *self.head_w.shape[1:]))])
+            self.head_b = torch.cat([self.head_b, self.head_b.new_zeros((pad, *self.head_b.shape[1:]))])
         self.owner += [None] * pad
         self.capacity = capacity
         self.generation += 1
@@ -260,9 +267,35 @@ class SlotTables:
                 bd = d.bias.float() - base_b.float() if base_b is not None else d.bias
                 t.bias_delta[s] = bd.to(t.dtype)
                 self.has_bias[i, s] = True
+        self._load_head(s, r.head_w, r.head_b)
         self.owner[s] = (tid, r.gen)
         self.lru[tid] = s
         self.lru.move_to_end(tid)
+
+    def _load_head(self, s: int, w: torch.Tensor, b: torch.Tensor) -> None:
+        C, D = w.shape
+        if self.head_w is None or C > self.head_w.shape[1]:
+            old_w, old_b = self.head_w, self.head_b
+            self.head_w = w.new_zeros((self.capacity, C, D))
+            self.head_b = b.new_zeros((self.capacity, C))
+            if old_w is not None:
+                self.head_w[:, : old_w.shape[1]] = old_w
+                self.head_b[:, : old_b.shape[1]] = old_b
+            self.generation += 1
+        self.head_w[s].zero_()
+        self.head_b[s].zero_()
+        self.head_w[s, :C] = w
+        self.head_b[s, :C] = b
+        self.classes[s] = C
+
+    def heads(self, feats: torch.Tensor, sample_slot: torch.Tensor, slots: Sequence[int]) -> list[torch.Tensor]:
+        """Each sample's task head on its features: one gather + one ``bmm`` for the batch and ONE
+        device-to-host copy; returns float32 CPU logits per sample (its task's classes only)."""
+        w = self.head_w.index_select(0, sample_slot)  # [B, C, D]
+        b = self.head_b.index_select(0, sample_slot)  # [B, C]
+        out = torch.baddbmm(b.unsqueeze(1), feats.to(w.dtype).unsqueeze(1), w.transpose(1, 2))
+        flat = out.squeeze(1).float().cpu()
+        return [flat[i, : self.classes[s]] for i, s in enumerate(slots)]
 
     # -- per batch ------------------------------------------------------------------------------
     def plan(self, slots: Sequence[int], sample_slot: torch.Tensor, static: bool = False) -> dict[str, MixedPlan]:
@@ -286,7 +319,8 @@ class SlotTables:
         return plans
 
     def nbytes(self) -> int:
-        return sum(t.nbytes() for t in self.tables.values())
+        heads = 0 if self.head_w is None else (self.head_w.numel() + self.head_b.numel()) * self.head_w.element_size()
+        return heads + sum(t.nbytes() for t in self.tables.values())
 
     def stats(self) -> dict:
         return {"slots": self.capacity, "slots_used": len(self.lru), "max_slots": self.max_slots,
