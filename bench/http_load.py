@@ -5,7 +5,8 @@ one returns, through a warm-up period and then a window of ``S`` seconds (and at
 ``max_requests`` requests). Figures count the requests that COMPLETED inside the window:
 ``inputs_per_s`` = their inputs / ``S``; ``p50_ms``/``p99_ms`` = their latency percentiles (send to
 parsed answer); ``errors`` = those that failed (non-200, transport error, wrong answer count);
-``errors_total`` = failures over warm-up, window and drain.
+``errors_total`` = failures over warm-up, window and drain. Several windows (rounds) are summarised
+together by pooling: inputs over total seconds, percentiles over all latencies.
 """
 import math
 import threading
@@ -13,12 +14,13 @@ import time
 
 import numpy as np
 
-__all__ = ["run_window"]
+__all__ = ["run_window", "summarise"]
 
 
 def run_window(url: str, bodies: list[bytes], n_inputs: int, clients: int, warmup_s: float, seconds: float,
                max_requests: int, timeout_s: float) -> dict:
-    """Drive ``url`` with ``clients`` closed-loop threads; figures over the window after ``warmup_s``."""
+    """Drive ``url`` with ``clients`` closed-loop threads; the raw outcome of the window after ``warmup_s``
+    (latencies of the requests that succeeded in it, errors, ...), for :func:`summarise`."""
     import requests
 
     done: list[tuple[float, float, bool, float | None]] = []  # (sent, finished, ok, mean batch_size)
@@ -67,10 +69,22 @@ def run_window(url: str, bodies: list[bytes], n_inputs: int, clients: int, warmu
         t.join(timeout_s + max(win[1] - time.perf_counter(), 0) + 5)
     inside = [d for d in done if win[0] <= d[1] <= win[1]]
     good = [d for d in inside if d[2]]
-    lat = np.array([(d[1] - d[0]) * 1e3 for d in good]) if good else np.array([math.nan])
-    sizes = [d[3] for d in good if d[3] is not None]
-    return {"requests": len(good), "inputs": len(good) * n_inputs, "inputs_per_s": len(good) * n_inputs / seconds,
+    return {"seconds": seconds, "n_inputs": n_inputs, "latencies_ms": [(d[1] - d[0]) * 1e3 for d in good],
+            "batch_sizes": [d[3] for d in good if d[3] is not None], "errors": len(inside) - len(good),
+            "errors_total": sum(not d[2] for d in done), "stuck_clients": sum(t.is_alive() for t in threads),
+            "failures": failures}
+
+
+def summarise(windows: list[dict]) -> dict:
+    """Figures of one or more windows of :func:`run_window` taken together (latencies pooled)."""
+    lat = np.array([x for w in windows for x in w["latencies_ms"]] or [math.nan])
+    n = sum(len(w["latencies_ms"]) for w in windows)
+    inputs = sum(len(w["latencies_ms"]) * w["n_inputs"] for w in windows)
+    sizes = [x for w in windows for x in w["batch_sizes"]]
+    return {"windows": len(windows), "requests": n, "inputs": inputs,
+            "inputs_per_s": inputs / sum(w["seconds"] for w in windows),
             "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
-            "errors": len(inside) - len(good), "errors_total": sum(not d[2] for d in done),
-            "stuck_clients": sum(t.is_alive() for t in threads), "failures": failures,
+            "errors": sum(w["errors"] for w in windows), "errors_total": sum(w["errors_total"] for w in windows),
+            "stuck_clients": sum(w["stuck_clients"] for w in windows),
+            "failures": [f for w in windows for f in w["failures"]][:5],
             "mean_batch_size": float(np.mean(sizes)) if sizes else None}

@@ -21,7 +21,9 @@ backbone entry of the app config; grft-serve additionally runs its ingress deplo
 /v1/predict``; a plain app serves one task, so its baseline is the plain ``batch`` figure, i.e.
 the same request size as one forward). Every grft figure is also given as a ratio to the plain one:
 ``ratio_inputs_per_s`` = grft / plain (higher is better), ``ratio_p50``/``ratio_p99`` = grft / plain
-latency (lower is better). Before timing, the answers of both apps to the same 16 images are
+latency (lower is better); with ``--rounds R`` every (plain, grft) pair of windows is repeated R times
+and each ratio is the median of the R per-round ratios (pairs are adjacent in time, so drifting load
+from other processes cancels better). Before timing, the answers of both apps to the same 16 images are
 compared (``agree`` = fraction of equal top labels; the plain model IS task 0).
 
 Defaults: deployments/local.yaml's EfficientNet-Lite0 (zoo, offline) at the demo's 64 px
@@ -60,7 +62,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from ray import serve  # noqa: E402
 
-from bench.http_load import run_window  # noqa: E402
+from bench.http_load import run_window, summarise  # noqa: E402
 from bench.plain_app import PlainModel  # noqa: E402
 from bench.records import Records  # noqa: E402
 
@@ -233,6 +235,46 @@ def check_answers(url: str, images: list[str], tasks: list[str], batch: int) -> 
     return sum(p["label"] == q["label"] for p, q in zip(a.json()["predictions"], b.json()["predictions"])) / len(xs)
 
 
+def measure(url: str, args: argparse.Namespace, images: list[str], tasks: list[str]) -> dict:
+    """``--rounds`` rounds; in each, every scenario's plain baseline window, then its grft window (so
+    each grft window has a plain one right before it). ``{(system, scenario): [raw window, ...]}``."""
+    plain_needed = {BASELINE[s] for s in args.only}
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(args.rounds):
+        for sc in SCENARIOS:
+            n = 1 if sc == "single" else args.batch
+            for system in ("plain", "grft"):
+                if sc not in (plain_needed if system == "plain" else args.only):
+                    continue
+                path = ("/plain/predict" if system == "plain" else "/v1/predict" if sc == "mixed"
+                        else f"/v1/tasks/{tasks[0]}/predict")
+                load = os.getloadavg()[0]
+                raw = run_window(url + path, _bodies(sc, images, tasks, args.batch), n, args.clients, args.warmup,
+                                 args.seconds, args.max_requests, args.timeout)
+                runs.setdefault((system, sc), []).append({**raw, "loadavg_1m": load})
+    return runs
+
+
+def make_records(runs: dict, common: dict, n_tasks: int) -> list[dict]:
+    """One record per (system, scenario); grft ratios are the median over rounds of grft / plain."""
+    out = []
+    for (system, sc), windows in runs.items():  # plain baseline before the grft figures
+        n = windows[0]["n_inputs"]
+        rec = {**common, "system": system, "scenario": sc, "inputs_per_request": n,
+               "tasks_per_request": min(n, n_tasks) if sc == "mixed" else 1, "rounds": len(windows),
+               "loadavg_1m": float(np.mean([w["loadavg_1m"] for w in windows])), **summarise(windows)}
+        if system == "grft":
+            pairs = [(summarise([g]), summarise([p])) for g, p in zip(windows, runs[("plain", BASELINE[sc])])]
+
+            def ratio(key: str) -> float | None:
+                vals = [g[key] / p[key] for g, p in pairs if p[key]]
+                return float(np.median(vals)) if vals else None
+            rec.update(baseline=f"plain/{BASELINE[sc]}", ratio_inputs_per_s=ratio("inputs_per_s"),
+                       ratio_p50=ratio("p50_ms"), ratio_p99=ratio("p99_ms"))
+        out.append(rec)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     from rich.console import Console
@@ -244,8 +286,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     tasks = [f"bench-{i:02d}" for i in range(args.tasks)]
     images, source = make_images(max(64, 2 * args.batch), args.smoke)
     out = Records(args.out)
-    scenarios = [s for s in SCENARIOS if s in args.only]
-    plain_needed = sorted({BASELINE[s] for s in scenarios}, key=SCENARIOS.index)
     import ray
 
     store = tempfile.mkdtemp(prefix="grft-bench-store-")
@@ -262,28 +302,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                   "tasks_registered": len(tasks), "k": args.k, "agree": agree}
         print(f"[bench] setup {time.perf_counter() - t_setup:.0f} s; plain vs grft top-1 agreement on task 0: "
               f"{agree:.3f}", file=sys.stderr)
-        plain: dict[str, dict] = {}
-        for sc in SCENARIOS:
-            n = 1 if sc == "single" else args.batch
-            for system in ("plain", "grft"):
-                if (system == "plain" and sc not in plain_needed) or (system == "grft" and sc not in scenarios):
-                    continue
-                path = ("/plain/predict" if system == "plain" else "/v1/predict" if sc == "mixed"
-                        else f"/v1/tasks/{tasks[0]}/predict")
-                load = os.getloadavg()[0]
-                res = run_window(url + path, _bodies(sc, images, tasks, args.batch), n, args.clients, args.warmup,
-                                 args.seconds, args.max_requests, args.timeout)
-                rec = {**common, "system": system, "scenario": sc, "inputs_per_request": n, "loadavg_1m": load,
-                       "tasks_per_request": min(n, len(tasks)) if sc == "mixed" else 1, **res}
-                if system == "plain":
-                    plain[sc] = rec
-                else:
-                    base = plain[BASELINE[sc]]
-                    rec.update(baseline=f"plain/{BASELINE[sc]}",
-                               ratio_inputs_per_s=(rec["inputs_per_s"] / base["inputs_per_s"]
-                                                   if base["inputs_per_s"] else None),
-                               ratio_p50=rec["p50_ms"] / base["p50_ms"], ratio_p99=rec["p99_ms"] / base["p99_ms"])
-                out.emit(rec)
+        for rec in make_records(measure(url, args, images, tasks), common, len(tasks)):
+            out.emit(rec)
     finally:
         out.close()
         if ray.is_initialized():
@@ -333,6 +353,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=None, help="concurrent HTTP clients (default 8, smoke 4)")
     p.add_argument("--seconds", type=float, default=None, help="measured window per run (default 15, smoke 2)")
     p.add_argument("--warmup", type=float, default=None, help="warm-up before each window (default 3, smoke 1)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat every (plain, grft) pair of windows; ratios are the median over rounds")
     p.add_argument("--max-requests", type=int, default=100_000, help="requests per window at most")
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, seconds")
     p.add_argument("--batch", type=int, default=16, help="inputs per request of batch / mixed")
@@ -355,8 +377,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     bad = [s for s in a.only if s not in SCENARIOS]
     if bad or not a.only:
         p.error(f"--only: unknown scenario(s) {bad}; choose from {', '.join(SCENARIOS)}")
-    if min(a.clients, a.batch, a.tasks, a.max_requests) < 1 or a.seconds <= 0 or a.warmup < 0:
-        p.error("--clients, --batch, --tasks, --max-requests and --seconds must be positive")
+    if min(a.clients, a.batch, a.tasks, a.max_requests, a.rounds) < 1 or a.seconds <= 0 or a.warmup < 0:
+        p.error("--clients, --batch, --tasks, --rounds, --max-requests and --seconds must be positive")
     return a
 
 
