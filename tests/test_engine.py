@@ -467,8 +467,8 @@ def test_slot_tables_reuse_and_grow_stay_exact(vit):
     batch equals per-task sequential outputs, and slot loads happen once per task while it stays."""
     eng = Engine(vit, max_slots=4)
     pkgs = [random_package(vit, f"t{i}", mode="row" if i % 3 else "column", k=1 + i % 3, seed=i,
-                           tune_bias=i % 2 == 0) for i in range(9)]
-    pkgs.append(random_package(vit, "wide", k=7, seed=50))  # registered last: tables grow later
+                           tune_bias=i % 2 == 0, n_labels=2 + i % 3) for i in range(9)]
+    pkgs.append(random_package(vit, "wide", k=7, seed=50, n_labels=9))  # used late: tables and heads grow
     for p in pkgs:
         eng.register(p)
     x = torch.randn(6, 3, 32, 32)
@@ -482,7 +482,7 @@ def test_slot_tables_reuse_and_grow_stay_exact(vit):
         assert again.report.slot_loads == 0  # its tasks are in the slots now
         out = eng.forward(x, ids, path="override")[0]
         for i, t in enumerate(ids):
-            assert (out[i] - seq[t][i]).abs().max() <= 1e-5, (step, t)
+            assert out[i].shape == seq[t][i].shape and (out[i] - seq[t][i]).abs().max() <= 1e-5, (step, t)
         assert res.report.slot_loads <= len(set(ids))
     st = eng.stats()
     assert st["slot_evictions"] > 0 and st["slots"] >= 4 and st["slot_bytes"] > 0
