@@ -165,8 +165,8 @@ def up(config: Path = typer.Argument(Path("deployments/local.yaml"), help="Serve
 UrlOpt = typer.Option(None, "--url", help=f"app URL (default: $GRFT_URL or {DEFAULT_URL})")
 TokOpt = typer.Option(None, "--token", help="bearer token (default: $GRFT_ADMIN_TOKEN / $GRFT_READ_TOKEN)")
 JsonOpt = typer.Option(False, "--json", metavar="", help="print the raw JSON answer")
-# the server's words for a request parameter -> this CLI's flag
-_FLAG_WORDS = {"replace=true": "--replace"}
+# what to do about an error code, in this CLI's terms (the server speaks of request parameters)
+_CODE_HINTS = {"task_exists": "add --replace to overwrite it"}
 
 
 def _url(url: Optional[str]) -> str:
@@ -194,9 +194,13 @@ def _call(method: str, url: str, **kw):
         body = None
     if r.status_code >= 400:
         err = (body or {}).get("error") if isinstance(body, dict) else None
-        msg = f"{err.get('message')} [{err.get('code')}]" if isinstance(err, dict) else (r.text[:500] or r.reason)
-        for words, flag in _FLAG_WORDS.items():
-            msg = msg.replace(words, flag)
+        if isinstance(err, dict):
+            code, text = err.get("code"), str(err.get("message"))
+            if code in _CODE_HINTS:
+                text = f"{text.split(';')[0]}; {_CODE_HINTS[code]}"
+            msg = f"{text} [{code}]"
+        else:
+            msg = r.text[:500] or r.reason
         _fail(f"HTTP {r.status_code}: {msg}")
     return body
 

@@ -214,7 +214,7 @@ def test_up_deploys_like_serve_run(tmp_path):
 
         again = CliRunner().invoke(serve_cli, ["register", str(path), "--url", url, "--token", "only-in-runtime-env"])
         assert again.exit_code == 1 and "already registered" in again.output
-        assert "--replace" in again.output and "replace=true" not in again.output  # names the CLI flag
+        assert "add --replace to overwrite" in again.output  # names the CLI flag
         img = base64.b64encode(png_bytes(1)).decode()
 
         def call(_):
