@@ -55,6 +55,11 @@ class StoredTask:
     bytes: int = 0
     broken: str | None = None
 
+    @property
+    def fingerprint(self) -> str | None:
+        """The base fingerprint the package was trained on."""
+        return self.meta.get("base_fingerprint")
+
 
 class TaskStore(Protocol):
     def put(self, task_id: str, data: bytes, replace: bool = False) -> str: ...

@@ -27,7 +27,7 @@ from ..store import TaskExistsError, TaskNotFoundError
 from .api import api, pyd_error
 from .config import AppConfig, make_store
 from .guard import Guard
-from .index import TaskEntry, TaskIndex
+from .index import StoredTask, TaskIndex
 from .inputs import check_input
 from .oip import OipRoutes
 from .residency import ResidencyView, StateDir
@@ -80,7 +80,7 @@ class Ingress(OipRoutes):
                 return name
         return None
 
-    async def _task_out(self, e: TaskEntry) -> dict:
+    async def _task_out(self, e: StoredTask) -> dict:
         m = e.meta
         return {"task_id": e.task_id, "version": e.version, "backbone": await self._backbone_for(e.fingerprint),
                 "base_model_id": m.get("base_model_id", ""), "base_fingerprint": m.get("base_fingerprint", ""),
@@ -88,7 +88,7 @@ class Ingress(OipRoutes):
                 "bytes": e.bytes, "metrics": m.get("metrics", {}), "preprocessing": m.get("preprocessing", {}),
                 "created": m.get("created"), **self.residency.of(e.task_id)}
 
-    async def _entry(self, tid: str, force: bool = False) -> TaskEntry:
+    async def _entry(self, tid: str, force: bool = False) -> StoredTask:
         e = await asyncio.to_thread(lambda: self.index.snapshot(force=True).get(tid) if force else self.index.get(tid))
         if e is None:
             raise ApiError(404, "unknown_task", f"unknown task {tid!r}")
@@ -223,8 +223,9 @@ class Ingress(OipRoutes):
         except TaskExistsError:
             raise ApiError(409, "task_exists", f"task {tid!r} is already registered; pass replace to overwrite") \
                 from None
-        entry = TaskEntry(tid, version, res["meta"], res["num_params"], len(data))
-        self.index.remember(entry)
+        entry = await asyncio.to_thread(self.index.refresh, tid)
+        if entry is None or entry.version != version:  # replaced or deleted meanwhile: answer what we stored
+            entry = StoredTask(tid, version, res["meta"], res["num_params"], len(data))
         log.info("registered task %s version %s on backbone %s", tid, version, bb)
         return await self._task_out(entry)
 
@@ -255,7 +256,7 @@ class Ingress(OipRoutes):
         except (TaskNotFoundError, ValueError):
             M.inc("grft_registrations", 1, {"op": "delete", "status": "error"})
             raise ApiError(404, "unknown_task", f"unknown task {task_id!r}") from None
-        self.index.forget(task_id)
+        await asyncio.to_thread(self.index.refresh, task_id)
         M.inc("grft_registrations", 1, {"op": "delete", "status": "ok"})
         return {"deleted": task_id}
 
