@@ -11,6 +11,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
+from grft_train.plots import pyplot, save_figure
+
 __all__ = ["mean_se", "plot_curve", "render_markdown", "summarise"]
 
 
@@ -126,10 +128,7 @@ def render_markdown(summary: dict, wall_s: float | None = None) -> str:
 
 def plot_curve(summary: dict, path: str | Path) -> Path:
     """Test accuracy (mean ± s.e.) against backbone trainable % (log scale), one panel per dataset."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     n = len(summary)
     fig, axes = plt.subplots(1, n, figsize=(6.2 * n, 4.4), squeeze=False)
@@ -154,9 +153,4 @@ def plot_curve(summary: dict, path: str | Path) -> Path:
         ax.set_title(s["title"], fontsize=10)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -17,6 +17,9 @@ class Setting:
     common: dict
     select: dict = field(default_factory=dict)
     fit: dict = field(default_factory=dict)
+    # full fine-tuning moves every pretrained weight: it gets the usual small rate for them (its
+    # new head keeps the shared rate, ``fit.lr``); every other method trains at ``fit.lr``
+    full_lr: float = 1e-4
 
 
 def merge(a: dict, b: dict) -> dict:

@@ -12,7 +12,8 @@ reported on **test**) with the same epochs, batch size, batch order and head ini
                       ``grft-row-kK`` selects (+ the same biases), trained as a masked weight;
 - ``lora-kK``         PEFT LoRA on every Linear/non-grouped Conv2d at the rank whose parameter count
                       is closest to ``grft-row-kK``'s (values + biases);
-- ``full``            every backbone parameter.
+- ``full``            every backbone parameter, at the small rate usual for them (``full_lr``; its
+                      head at the shared rate).
 
 The GRFT and GPS selections of a seed come from one full pass of SCL gradients over the train split
 (``select_s``, paid once per task; the summary gives its cost in GRFT training epochs).
@@ -111,7 +112,8 @@ def run_seed(st: Setting, families: Sequence[str], ks: Sequence[int], seed: int,
     targets = lora_targets(backbone, used)
 
     def fit(method: str, sel: Selection, bias: str, builder=None, extra: dict | None = None) -> dict:
-        fcfg = FitConfig(**common, **fit_base, bias=bias, task_id=f"{st.key}-{method}",
+        rates = {"lr": st.full_lr, "head_lr": fit_base["lr"]} if method == "full" else {}
+        fcfg = FitConfig(**common, **merge(fit_base, rates), bias=bias, task_id=f"{st.key}-{method}",
                          out_dir=str(Path(workdir) / st.key / f"seed{seed}" / method))
         with PeakMemory(dev) as pm:
             t1 = time.time()
@@ -133,7 +135,7 @@ def run_seed(st: Setting, families: Sequence[str], ks: Sequence[int], seed: int,
             "rss_select_mb": (rss_select or {}).get("rss_peak_mb") if uses_sel else None,
             "cuda_peak_mb": pm.result().get("cuda_peak_mb"),
             "n_train": m["n_train"], "n_val": m["n_val"], "n_test": m["n_test"], "epochs": fcfg.epochs,
-            "lr": fcfg.lr, "l2_lambda": fcfg.l2_lambda, "batch_size": fcfg.batch_size, "bias": bias,
+            "lr": fcfg.lr, "head_lr": fcfg.head_lr, "l2_lambda": fcfg.l2_lambda, "batch_size": fcfg.batch_size, "bias": bias,
             "device": str(dev), "device_name": _device_name(dev), "package": m.get("package"), **(extra or {}),
         }
         records.append(rec)

@@ -46,6 +46,7 @@ from .config import FitConfig
 from .data import DataSplits
 from .layers import describe_regularised, regularised_modules
 from .model import TaskModel
+from .plots import pyplot, save_figure
 from .loader import Batches as Prepared
 from .prepared import FeatureSet, evaluate_prepared, train_augment
 from .select import Selection
@@ -372,10 +373,7 @@ def make_package(model: TaskModel, sel: Selection, spec, backbone: Backbone, lab
 
 
 def plot_curves(history: list[dict], path: Path, title: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ep = [h["epoch"] for h in history]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
@@ -390,7 +388,4 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> Path:
                 "o-", label="val")
     a2.set_xlabel("epoch"), a2.set_ylabel("accuracy"), a2.legend()
     fig.suptitle(f"GRFT {title}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .plots import pyplot, save_figure
+
 if TYPE_CHECKING:
     from .select import Selection
 
@@ -16,10 +18,7 @@ __all__ = ["heatmap"]
 def heatmap(sel: "Selection", spec, path: str | Path, bins: int = 64) -> Path:
     """PNG: one line per module; colour = gradient score (binned max, normalised per module),
     white dots = selected rows/columns (relative position within the matrix)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(sel.meta.get("eligible_modules") or sel.indices)
     img = np.zeros((len(names), bins))
@@ -51,12 +50,7 @@ def heatmap(sel: "Selection", spec, path: str | Path, bins: int = 64) -> Path:
     ax.set_title(f"GRFT selection ({sel.mode}, k={_k_label(sel.k)}) on {sel.meta.get('base_model_id')}")
     ax.legend(loc="upper right", fontsize=7)
     fig.colorbar(im, ax=ax, label="sum of squared SCL grads / layer max")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _k_label(k: dict[str, int]) -> str:

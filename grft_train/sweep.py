@@ -19,6 +19,7 @@ from typing import Sequence
 from .common import apply_threads, build_backbone, load_data, resolve_device, seed_everything
 from .config import FitConfig, SelectConfig
 from .fit import FitError, run_fit
+from .plots import pyplot, save_figure
 from .select import build_selection, save_selection, scl_gradients
 
 __all__ = ["SweepError", "parse_floats", "parse_ints", "run_sweep"]
@@ -29,24 +30,24 @@ class SweepError(FitError):
     """The sweep grid is invalid (or the data cannot be swept)."""
 
 
-def parse_ints(text: str, what: str) -> list[int]:
+def _parse(text: str, what: str, cast, kind: str, minimum) -> list:
     try:
-        out = [int(v) for v in text.split(",") if v.strip()]
+        out = [cast(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise SweepError(f"{what}: expected a comma list of integers, got {text!r}") from None
-    if not out or any(v < 1 for v in out):
-        raise SweepError(f"{what}: give one or more integers >= 1, got {text!r}")
+        raise SweepError(f"{what}: expected a comma list of {kind}, got {text!r}") from None
+    if not out or any(v < minimum for v in out):
+        raise SweepError(f"{what}: give one or more {kind} >= {minimum}, got {text!r}")
     return sorted(set(out))
+
+
+def parse_ints(text: str, what: str) -> list[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]`` (k values: integers >= 1)."""
+    return _parse(text, what, int, "integers", 1)
 
 
 def parse_floats(text: str, what: str) -> list[float]:
-    try:
-        out = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise SweepError(f"{what}: expected a comma list of numbers, got {text!r}") from None
-    if not out or any(v < 0 for v in out):
-        raise SweepError(f"{what}: give one or more numbers >= 0, got {text!r}")
-    return sorted(set(out))
+    """``"0,1e-4"`` -> ``[0.0, 0.0001]`` (λ values: numbers >= 0)."""
+    return _parse(text, what, float, "numbers", 0)
 
 
 def _best(runs: list[dict]) -> dict:
@@ -123,10 +124,7 @@ def render_table(runs: list[dict], best: dict) -> str:
 
 
 def plot_sweep(runs: list[dict], best: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     lams = sorted({r["l2_lambda"] for r in runs})
     pos = {lam: i for i, lam in enumerate(lams)}
@@ -143,7 +141,4 @@ def plot_sweep(runs: list[dict], best: dict, path: Path) -> Path:
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title("GRFT sweep: validation accuracy by k and λ")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
