@@ -60,6 +60,9 @@ class _Entry:
     pinned: bool = False
     in_use: int = 0
     info: dict = field(default_factory=dict)
+    hits: int = 0  # this task's device-tier hits / misses / evictions (any tier) since it was added
+    misses: int = 0
+    evictions: int = 0
 
 
 class _Tier:
@@ -197,6 +200,7 @@ class TaskCache(Generic[H, D]):
             self._dev.lru.move_to_end(tid)
             self._dev.hits += 1
             usage.hits += 1
+            e.hits += 1
             if e.host is not None:
                 self._host.lru.move_to_end(tid)
             return e.device
@@ -207,6 +211,7 @@ class TaskCache(Generic[H, D]):
         self._dev.put(tid, dev.nbytes)
         self._dev.misses += 1
         usage.misses += 1
+        e.misses += 1
         return dev
 
     def _make_room(self, tier: _Tier, need: int, keep: Sequence[str] = ()) -> int:
@@ -231,6 +236,7 @@ class TaskCache(Generic[H, D]):
                 e.device = None
             tier.drop(tid)
             tier.evictions += 1
+            e.evictions += 1
             evicted += 1
         if not tier.fits(need):
             tier.over_cap += 1
@@ -256,13 +262,15 @@ class TaskCache(Generic[H, D]):
         return "device" if e.device is not None else "host" if e.host is not None else "store"
 
     def residency(self) -> dict[str, dict]:
-        """``{task_id: {"tier", "pinned", "in_use", "version", "host_bytes", "device_bytes", ...}}``."""
+        """``{task_id: {"tier", "pinned", "in_use", "version", "host_bytes", "device_bytes", "hits",
+        "misses", "evictions", ...}}`` (the task's own cache counters since it was added)."""
         with self._lock:
             out = {}
             for tid, e in self._entries.items():
                 out[tid] = {"tier": self.tier(tid), "pinned": e.pinned, "in_use": e.in_use, "version": e.version,
                             "host_bytes": self._host.lru.get(tid, 0), "device_bytes": self._dev.lru.get(tid, 0),
-                            "reloadable": e.reload is not None, **e.info}
+                            "reloadable": e.reload is not None, "hits": e.hits, "misses": e.misses,
+                            "evictions": e.evictions, **e.info}
             return out
 
     def device_ids(self) -> list[str]:

@@ -73,7 +73,45 @@ SPECS = {
     "grft_predict_errors": ("counter", "Inputs of requests a backbone replica could not serve", ("backbone",)),
     "grft_request_in_replica_ms": ("histogram", "Time a request spends in a backbone replica (decode, "
                                    "queue, forward) in ms", ("backbone",), LATENCY_BOUNDARIES_MS),
+    # per task (label: the task id, or OTHER beyond the cap; see TaskLabels)
+    "grft_task_requests": ("counter", "Predict requests per task (ingress)", ("task",)),
+    "grft_task_errors": ("counter", "Predict requests per task answered with an error (ingress)", ("task",)),
+    "grft_task_inputs": ("counter", "Inputs sent to a backbone per task (ingress)", ("task",)),
+    "grft_task_latency_ms": ("histogram", "Predict request latency per task in ms (ingress)", ("task",),
+                             LATENCY_BOUNDARIES_MS),
+    "grft_task_residency": ("gauge", "Tasks of this label on each tier (device / host / store) of a backbone "
+                            "replica: 1 or 0 for a labelled task, a count for OTHER", ("backbone", "task", "tier")),
+    "grft_task_cache_hits": ("counter", "Device task-cache hits per task", ("backbone", "task")),
+    "grft_task_cache_misses": ("counter", "Device task-cache misses per task", ("backbone", "task")),
+    "grft_task_cache_evictions": ("counter", "Task-cache evictions per task", ("backbone", "task")),
 }
+
+OTHER = "other"
+
+
+class TaskLabels:
+    """Bounded task labels: the first ``cap`` task ids a process records get their own label, every
+    other task (and a task literally named ``other``) is aggregated under :data:`OTHER`. So a process
+    exports at most ``cap + 1`` task series per metric, whatever the number of tasks; the sum over all
+    labels is the total."""
+
+    def __init__(self, cap: int = 100):
+        self.cap = cap
+        self._ids: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, task_id: str) -> str:
+        if task_id in self._ids:
+            return task_id
+        with self._lock:
+            if task_id != OTHER and len(self._ids) < self.cap:
+                self._ids.add(task_id)
+                return task_id
+        return task_id if task_id in self._ids else OTHER
+
+    def labelled(self) -> set[str]:
+        with self._lock:
+            return set(self._ids)
 
 
 def _get(name: str):

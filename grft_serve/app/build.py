@@ -36,11 +36,11 @@ def build_app(args: dict | AppConfig | None) -> serve.Application:
         ongoing = b.max_ongoing_requests or max(4 * b.max_batch_size, 32)
         handles[b.name] = BackboneDeployment.options(
             name=f"Backbone-{b.name}", num_replicas=b.replicas, max_ongoing_requests=ongoing,
-            ray_actor_options={"num_cpus": b.num_cpus, "num_gpus": b.num_gpus},
-        ).bind(b.model_dump(mode="json"), store, limits, cfg.sync_interval_s)
+            ray_actor_options={"num_cpus": b.num_cpus, "num_gpus": b.num_gpus, "resources": b.resources},
+        ).bind(b.model_dump(mode="json"), store, limits, cfg.sync_interval_s, cfg.metrics_task_label_cap)
     return IngressDeployment.options(
         num_replicas=cfg.ingress_replicas, max_ongoing_requests=cfg.ingress_max_ongoing_requests,
-        ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
+        ray_actor_options={"num_cpus": cfg.ingress_num_cpus, "resources": cfg.ingress_resources},
     ).bind(cfg.model_dump(mode="json"), handles)
 
 

@@ -45,6 +45,8 @@ class BackboneDeploymentConfig(BaseModel):
     replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field({}, description="custom Ray resources per replica (place replicas on "
+                                                        "the nodes that have them)")
     torch_threads: int | None = Field(1, ge=1, description="torch.set_num_threads in each replica")
     max_batch_size: int = Field(16, ge=1, description="inputs (not requests) per forward")
     batch_wait_timeout_s: float = Field(0.005, ge=0)
@@ -88,7 +90,10 @@ class AppConfig(BaseModel):
     task_cache_ttl_s: float = Field(0.5, ge=0, description="how long the ingress trusts its store listing")
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.1, ge=0)
+    ingress_resources: dict[str, float] = Field({}, description="custom Ray resources per ingress replica")
     ingress_max_ongoing_requests: int = Field(256, ge=1)
+    metrics_task_label_cap: int = Field(100, ge=0, description="tasks with their own label in the per-task "
+                                                               "metrics of each process; the rest are 'other'")
 
 
 def make_store(cfg: StoreConfig | dict) -> TaskStore:
