@@ -72,16 +72,29 @@ async def _internal_error(_: Request, exc: Exception):
     return ApiError(500, "internal", "internal server error (see the server log)").response()
 
 
-@api.middleware("http")
-async def _count_requests(request: Request, call_next):
-    t0 = time.perf_counter()
-    status = 500
-    try:
-        resp = await call_next(request)
-        status = resp.status_code
-        return resp
-    finally:
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", None) or "unmatched"
-        M.inc("grft_requests", 1, {"endpoint": endpoint, "method": request.method, "status": str(status)})
-        M.observe("grft_request_latency_ms", (time.perf_counter() - t0) * 1e3, {"endpoint": endpoint})
+class RequestMetrics:
+    """Pure ASGI middleware (no per-request task group, unlike ``BaseHTTPMiddleware``): counts every
+    HTTP request by route, method and status, and observes its latency."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            endpoint = getattr(scope.get("route"), "path", None) or "unmatched"
+            M.inc("grft_requests", 1, {"endpoint": endpoint, "method": scope.get("method", ""), "status": str(status[0])})
+            M.observe("grft_request_latency_ms", (time.perf_counter() - t0) * 1e3, {"endpoint": endpoint})
+
+
+api.add_middleware(RequestMetrics)

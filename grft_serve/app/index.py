@@ -31,6 +31,10 @@ class TaskIndex:
                 self._entries, self._at = self.store.list(), time.monotonic()
             return self._entries
 
+    def fresh(self) -> dict[str, StoredTask] | None:
+        """The cached listing while it is within ``ttl_s`` (no I/O), else None."""
+        return self._entries if time.monotonic() - self._at < self.ttl_s else None
+
     def get(self, tid: str) -> StoredTask | None:
         """The entry of ``tid``; a miss re-lists the store once (a task registered through another node)."""
         e = self.snapshot().get(tid)

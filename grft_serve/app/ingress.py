@@ -40,6 +40,7 @@ __all__ = ["Ingress"]
 log = logging.getLogger("grft_serve.app")
 
 _MULTIPART_SLACK = 1 << 20
+_INLINE_CHECK_BYTES = 64 << 10  # smaller inputs are checked on the event loop (a thread hop costs more)
 _PREDICT_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": PredictRequest.model_json_schema()},
     "multipart/form-data": {"schema": {"type": "object", "properties": {
@@ -89,7 +90,9 @@ class Ingress(OipRoutes):
                 "created": m.get("created"), **self.residency.of(e.task_id)}
 
     async def _entry(self, tid: str, force: bool = False) -> StoredTask:
-        e = await asyncio.to_thread(lambda: self.index.snapshot(force=True).get(tid) if force else self.index.get(tid))
+        cached = None if force else self.index.fresh()
+        e = cached.get(tid) if cached is not None and tid in cached else await asyncio.to_thread(
+            lambda: self.index.snapshot(force=True).get(tid) if force else self.index.get(tid))
         if e is None:
             raise ApiError(404, "unknown_task", f"unknown task {tid!r}")
         if e.broken:
@@ -335,7 +338,8 @@ class Ingress(OipRoutes):
         when images are involved."""
         def run():
             return [check_input(k, x, i, self.limits, encoded) for i, (k, x) in enumerate(zip(kinds, raw))]
-        return await asyncio.to_thread(run) if "image" in kinds else run()
+        size = sum(len(x) for x in raw if isinstance(x, (str, bytes)))
+        return await asyncio.to_thread(run) if "image" in kinds and size > _INLINE_CHECK_BYTES else run()
 
     async def _multipart_inputs(self, request: Request, kind: str) -> tuple[list, Any]:
         cap = self.limits.max_inputs_per_request * self.limits.max_image_bytes + _MULTIPART_SLACK
