@@ -189,7 +189,7 @@ def start_apps(args: argparse.Namespace, app_args: dict, spec: dict, packages: l
     app_args.update(store={"path": store}, admin_token_env=token_env, read_token_env=None, limits=limits)
     need = spec.get("replicas", 1) * 2 * spec.get("num_cpus", 0.5) + app_args.get("ingress_replicas", 1) * \
         app_args.get("ingress_num_cpus", 0.1)
-    ray.init(num_cpus=args.num_cpus or max(2, math.ceil(need)), include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=args.num_cpus or max(2, math.ceil(need)), include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -83,7 +83,7 @@ def start_ray(num_cpus: int = 2) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _metrics_export_port=free_port(),
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _metrics_export_port=free_port(),
                  log_to_driver=False, configure_logging=False)
 
 
