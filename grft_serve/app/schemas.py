@@ -69,6 +69,9 @@ class TaskOut(BaseModel):
     metrics: dict = {}
     preprocessing: dict = {}
     created: float | None = None
+    pinned: bool | None = Field(None, description="pinned on the device of every replica (OIP repository load)")
+    residency: dict | None = Field(None, description="{'tier': best of device/host/store over the replicas, "
+                                                     "'replicas': {replica: tier}}")
 
 
 class TaskList(BaseModel):
