@@ -158,6 +158,9 @@ def measure(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: in
     for n in names:
         for _ in range(warmup):
             fns[n]()
+        if min_time <= 0:  # one call per timed block: no calibration runs
+            iters[n] = 1
+            continue
         one = min(_per_call(fns[n], 1, device, clock) for _ in range(2))
         iters[n] = max(1, min(max_iters, math.ceil(min_time / max(one, 1e-7))))
     times: dict[str, list[float]] = {n: [] for n in names}
