@@ -221,8 +221,7 @@ class Engine:
             del self._tasks[task_id]
 
     def tasks(self) -> list[TaskInfo]:
-        with self._lock:
-            return list(self._tasks.values())
+        return list(self._tasks.values())  # no lock: listing must not wait for a running batch
 
     def task(self, task_id: str) -> TaskInfo:
         try:
@@ -298,12 +297,12 @@ class Engine:
             self._pinned.discard(task_id)
 
     def residency(self) -> dict[str, dict]:
-        """``{task_id: {"tier": "device"|"host"|"store", "pinned", "version", "slot", ...}}``."""
-        with self._lock:
-            out = self.cache.residency()
-            for tid, r in out.items():
-                r["slot"] = self.slots.slot_of(tid)
-            return out
+        """``{task_id: {"tier": "device"|"host"|"store", "pinned", "version", "slot", ...}}`` (does not
+        wait for a running batch)."""
+        out = self.cache.residency()
+        for tid, r in out.items():
+            r["slot"] = self.slots.slot_of(tid)
+        return out
 
     def device_cache(self) -> dict:
         return {"tasks": self.cache.device_ids(), "bytes": self.cache.nbytes("device"),
@@ -466,8 +465,7 @@ class Engine:
         return out
 
     def stats(self) -> dict:
-        with self._lock:
-            return {**self.counters, "tasks": len(self._tasks), "device_cache_bytes": self.cache.nbytes("device"),
-                    "host_cache_bytes": self.cache.nbytes("host"), "pinned": len(self._pinned),
-                    **self.slots.stats(), **(self.graphs.stats() if self.graphs else {}),
-                    "cache": self.cache.stats()}
+        """Counters and tier sizes (does not wait for a running batch)."""
+        return {**self.counters, "tasks": len(self._tasks), "device_cache_bytes": self.cache.nbytes("device"),
+                "host_cache_bytes": self.cache.nbytes("host"), "pinned": len(self._pinned),
+                **self.slots.stats(), **(self.graphs.stats() if self.graphs else {}), "cache": self.cache.stats()}
