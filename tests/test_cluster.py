@@ -117,13 +117,14 @@ def test_two_nodes_one_store_and_losing_a_node(cluster):
     time.sleep(3)
     killed_at = time.time()
     c.remove_node(node_b, allow_graceful=False)
-    time.sleep(20)
+    time.sleep(25)
     stop.set()
     th.join(timeout=120)
     head_replicas = {r for r, n in nodes.items() if n == c.head_node.node_id}
     before = [x for x in log if x[0] < killed_at]
     assert before and all(s == 200 for _, s, _ in before)
-    settled = [x for x in log if x[0] > killed_at + 10]  # in-flight calls on the dead node may fail
+    settled = [x for x in log if x[0] > killed_at + 15]  # in-flight calls on the dead node may fail
+    print(f"{len(log)} requests, {sum(s != 200 for _, s, _ in log)} failed while the node went down")
     assert settled and all(s == 200 for _, s, _ in settled), [x for x in settled if x[1] != 200][:5]
     assert {rep for _, _, rep in settled} <= head_replicas
 
