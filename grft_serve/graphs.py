@@ -79,7 +79,6 @@ class GraphRunner:
         self.engine = engine
         self.buckets = sorted(buckets)
         self.capture = engine.device.type == "cuda" if capture is None else capture
-        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self._graphs: dict[tuple, _Graph] = {}
         self._eager_only: set[tuple] = set()
         self.captures = 0
@@ -137,7 +136,7 @@ class GraphRunner:
                         run()
                 torch.cuda.current_stream(eng.device).wait_stream(s)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
+                with torch.cuda.graph(graph):  # a private pool: graphs replay in any order
                     g.out = run()
                 g.graph = graph
                 self.captures += 1
