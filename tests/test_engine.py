@@ -96,10 +96,15 @@ def test_both_paths_match_edited_model(case):
     _assert_base_exact(eng, snap)
 
 
-def test_auto_path_choice_and_counters(mlp):
-    eng = Engine(mlp)
-    for p in _packages(mlp):
+def _engine_with(bb, pkgs, **kw):
+    eng = Engine(bb, **kw)
+    for p in pkgs:
         eng.register(p)
+    return eng
+
+
+def test_auto_path_choice_and_counters(mlp):
+    eng = _engine_with(mlp, _packages(mlp))
     x = torch.randn(4, 12)
     eng.forward(x, ["rows"] * 4)
     assert eng.counters["patch_batches"] == 1 and eng.counters["override_batches"] == 0
@@ -583,9 +588,7 @@ def test_cuda_graphs_match_eager_and_reference(case):
 
 
 def test_run_reports_and_rejects(mlp):
-    eng = Engine(mlp)
-    for p in _packages(mlp):
-        eng.register(p)
+    eng = _engine_with(mlp, _packages(mlp))
     x = torch.randn(3, 12)
     res = eng.run(x, ["rows", "cols", "rows"], top_k=2)
     assert [a["task"] for a in res.answers] == ["rows", "cols", "rows"]
