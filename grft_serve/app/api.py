@@ -7,7 +7,6 @@ their trace and answered 500 with a generic message: library messages never reac
 from __future__ import annotations
 
 import logging
-import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,8 +14,8 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from .. import metrics as M
 from .schemas import ApiError
+from .task_metrics import RequestMetrics
 
 __all__ = ["api", "pyd_error"]
 
@@ -70,31 +69,6 @@ async def _http_error(_: Request, exc: StarletteHTTPException):
 async def _internal_error(_: Request, exc: Exception):
     log.error("unhandled error", exc_info=exc)
     return ApiError(500, "internal", "internal server error (see the server log)").response()
-
-
-class RequestMetrics:
-    """Pure ASGI middleware (no per-request task group, unlike ``BaseHTTPMiddleware``): counts every
-    HTTP request by route, method and status, and observes its latency."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        t0 = time.perf_counter()
-        status = [500]
-
-        async def send_status(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            endpoint = getattr(scope.get("route"), "path", None) or "unmatched"
-            M.inc("grft_requests", 1, {"endpoint": endpoint, "method": scope.get("method", ""), "status": str(status[0])})
-            M.observe("grft_request_latency_ms", (time.perf_counter() - t0) * 1e3, {"endpoint": endpoint})
 
 
 api.add_middleware(RequestMetrics)

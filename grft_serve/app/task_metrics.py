@@ -1,6 +1,7 @@
-"""Per-task request metrics of the ingress: requests, errors, inputs and latency, labelled by task.
+"""Request metrics of the ingress: every request by route, method and status (``grft_requests``,
+``grft_request_latency_ms``), and per task: requests, errors, inputs and latency.
 
-A pure ASGI middleware opens a per-request record (a context variable, so the route code needs no
+One pure ASGI middleware (:class:`RequestMetrics`, no per-request task group) opens a per-request record (a context variable, so the route code needs no
 request object to write to it); the ingress notes each task a request resolves (:func:`note`) and
 the inputs it sends to a backbone (:func:`note_inputs`). When the response has gone, a request to a
 predict route counts once for every task it named: ``grft_task_requests``, ``grft_task_errors``
@@ -15,9 +16,8 @@ import time
 from contextvars import ContextVar
 
 from .. import metrics as M
-from .api import api
 
-__all__ = ["PREDICT_ROUTES", "TaskMetricsMiddleware", "configure", "note", "note_inputs", "labels"]
+__all__ = ["PREDICT_ROUTES", "RequestMetrics", "configure", "note", "note_inputs", "labels"]
 
 PREDICT_ROUTES = frozenset({"/v1/tasks/{task_id}/predict", "/v1/predict", "/v2/models/{task}/infer",
                             "/v2/models/{task}/versions/{version}/infer"})
@@ -52,7 +52,7 @@ def record(tasks: dict[str, int], status: int, ms: float) -> None:
         M.observe("grft_task_latency_ms", ms, tag)
 
 
-class TaskMetricsMiddleware:
+class RequestMetrics:
     def __init__(self, app):
         self.app = app
 
@@ -73,9 +73,10 @@ class TaskMetricsMiddleware:
             await self.app(scope, receive, send_status)
         finally:
             _current.reset(token)
+            ms = (time.perf_counter() - t0) * 1e3
             route = getattr(scope.get("route"), "path", None)
+            endpoint = route or "unmatched"
+            M.inc("grft_requests", 1, {"endpoint": endpoint, "method": scope.get("method", ""), "status": str(status[0])})
+            M.observe("grft_request_latency_ms", ms, {"endpoint": endpoint})
             if acc and route in PREDICT_ROUTES:
-                record(acc, status[0], (time.perf_counter() - t0) * 1e3)
-
-
-api.add_middleware(TaskMetricsMiddleware)
+                record(acc, status[0], ms)
