@@ -3,11 +3,10 @@
 Two ways to run a batch (both bit-exact with respect to the base; see ``tests/test_engine.py``):
 
 - **patch** (one task in the batch): the task's rows are written into the base weights with
-  ``index_copy_`` and the pretrained rows restored in a ``finally``. All patchable weights are views
-  into a few flat buffers grouped by row length, and every patchable module has a place in one flat
-  bias buffer (zeros where the base has no bias: a task may give such a module a bias, which is
-  attached for the patch and detached after it, so the base's outputs never change), so a whole-task
-  patch or restore is a handful of ``index_copy_`` calls, not one per layer.
+  ``index_copy_`` and the pretrained rows restored in a ``finally`` (:mod:`grft_serve.flat`: all
+  patchable weights and biases are views into a few flat buffers, so a whole-task patch or restore is
+  a handful of ``index_copy_`` calls, and biases given to bias-free modules are attached only while
+  their task is patched in).
 - **override** (several tasks in the batch): no weight is touched; forward hooks correct each
   patchable layer's output per sample from per-module slot tables (:mod:`grft_serve.slots`,
   :func:`grft_serve.rowop.apply_mixed`): the batch carries a sample → slot index, nothing else.
@@ -21,7 +20,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from dataclasses import replace as _replace
 from typing import Any, Literal, Sequence
@@ -33,6 +31,7 @@ from torch import nn
 from .backbones import Backbone
 from .base import BaseSpec, fingerprint_modules, iter_patchable
 from .cache import TaskCache, UnknownTaskError
+from .flat import FlatWeights
 from .graphs import GraphRunner
 from .package import DEFAULT_MAX_BYTES, PackageMeta, PreprocessingMismatchError, TaskPackage, load_package, \
     package_bytes, read_package_bytes
@@ -114,7 +113,7 @@ class Engine:
         backbone.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
         self.dtype = dtype or next(backbone.parameters()).dtype
         self.modules: dict[str, nn.Module] = dict(mods)
-        self._build_flat_buffers()
+        self.flat = FlatWeights(self.modules, self.dtype, self.device)
         self.hooks = RowOpHooks(self.modules)
         self._pin_host = self.device.type == "cuda"
         # on CPU the device copy would duplicate the host copy: the device tier shares it, unless
@@ -123,7 +122,7 @@ class Engine:
         self.cache: TaskCache[Packed, Resident] = TaskCache(
             self._upload if copy else self._materialise, host_bytes=host_cache_bytes,
             device_bytes=int(device_cache_bytes), shared=not copy)
-        self.slots = SlotTables(self.modules, self._base_bias,
+        self.slots = SlotTables(self.modules, self.flat.base_bias,
                                 max_slots or (256 if self.device.type == "cuda" else 64))
         self._layouts: dict[tuple, Layout] = {}
         # CUDA graphs per (path, batch bucket, input shape); on CPU the same static-buffer code runs eagerly
@@ -133,48 +132,6 @@ class Engine:
         self._pinned: set[str] = set()
         self.counters = {"batches": 0, "samples": 0, "patch_batches": 0, "override_batches": 0,
                          "cache_hits": 0, "cache_misses": 0, "cache_evictions": 0}
-
-    # -- flat buffers ---------------------------------------------------------------------------
-    def _build_flat_buffers(self) -> None:
-        """Re-home every patchable weight as a view into one flat buffer per row length, and every
-        bias into one flat bias buffer (bias-free modules get a zero slice, attached only while a
-        task that gives them a bias is patched in)."""
-        by_len: dict[int, list[str]] = {}
-        for name, m in self.modules.items():
-            by_len.setdefault(m.weight[0].numel(), []).append(name)
-        self.row_buffers: list[torch.Tensor] = []
-        self.row_offset: dict[str, tuple[int, int]] = {}  # module -> (group id, first row)
-        for gid, (n, names) in enumerate(sorted(by_len.items())):
-            total = sum(self.modules[nm].weight.shape[0] for nm in names)
-            buf = torch.empty(total, n, dtype=self.dtype, device=self.device)
-            off = 0
-            for nm in names:
-                m = self.modules[nm]
-                rows = m.weight.shape[0]
-                buf[off:off + rows].copy_(m.weight.detach().reshape(rows, n))
-                m.weight = nn.Parameter(buf[off:off + rows].view(m.weight.shape), requires_grad=False)
-                self.row_offset[nm] = (gid, off)
-                off += rows
-            self.row_buffers.append(buf)
-        total = sum(m.weight.shape[0] for m in self.modules.values())
-        self.bias_buffer = torch.zeros(total, dtype=self.dtype, device=self.device)
-        self.bias_offset: dict[str, int] = {}
-        self._free_bias: dict[str, nn.Parameter] = {}  # bias-free modules' zero slices
-        off = 0
-        for nm, m in self.modules.items():
-            n = m.weight.shape[0]
-            view = nn.Parameter(self.bias_buffer[off:off + n], requires_grad=False)
-            if m.bias is not None:
-                view.data.copy_(m.bias.detach())
-                m.bias = view
-            else:
-                self._free_bias[nm] = view
-            self.bias_offset[nm] = off
-            off += n
-        self._row_group = {nm: gid for nm, (gid, _) in self.row_offset.items()}
-
-    def _base_bias(self, name: str) -> torch.Tensor | None:
-        return self.modules[name].bias
 
     # -- registration ---------------------------------------------------------------------------
     def register(self, source: str | bytes | TaskPackage | Any, replace: bool = False,
@@ -270,13 +227,13 @@ class Engine:
         return reload
 
     def _pack(self, pkg: TaskPackage) -> Packed:
-        key = structure_key(pkg, self.dtype, self._row_group)
+        key = structure_key(pkg, self.dtype, self.flat.row_group)
         layout = self._layouts.get(key)
         if layout is None:
             shapes = {n: tuple(self.modules[n].weight.shape) for n in pkg.deltas}
-            layout = self._layouts[key] = Layout(key, shapes, self.bias_offset)
-            layout.free_bias = [n for n, *_ in layout.bias_modules if n in self._free_bias]
-        return Packed.pack(pkg, layout, self.row_offset, pin=self._pin_host)
+            layout = self._layouts[key] = Layout(key, shapes, self.flat.bias_offset)
+            layout.free_bias = [n for n, *_ in layout.bias_modules if n in self.flat.free_bias]
+        return Packed.pack(pkg, layout, self.flat.row_offset, pin=self._pin_host)
 
     def _upload(self, task_id: str, packed: Packed) -> Resident:
         return Resident(packed, self.device)  # ONE host-to-device copy
@@ -309,34 +266,9 @@ class Engine:
                 "capacity": self.cache.capacity("device")}
 
     # -- patch path -----------------------------------------------------------------------------
-    @contextmanager
     def patched(self, r: Resident):
-        """Write ``r``'s rows/columns/biases into the base; restore the pretrained values on exit."""
-        saved: list = []
-        attached: list[nn.Module] = []
-        try:
-            for gid, gidx, rows in r.row_groups:
-                buf = self.row_buffers[gid]
-                saved.append((buf, 0, gidx, buf.index_select(0, gidx)))
-                buf.index_copy_(0, gidx, rows)
-            for name, idx, vals in r.columns():
-                w = self.modules[name].weight
-                saved.append((w, 1, idx, w.index_select(1, idx)))
-                w.index_copy_(1, idx, vals)
-            if r.bias_patch is not None:
-                bidx, bval = r.bias_patch
-                saved.append((self.bias_buffer, 0, bidx, self.bias_buffer.index_select(0, bidx)))
-                self.bias_buffer.index_copy_(0, bidx, bval)
-                for name in r.layout.free_bias:
-                    m = self.modules[name]
-                    attached.append(m)
-                    m.bias = self._free_bias[name]
-            yield
-        finally:
-            for m in attached:
-                m.bias = None
-            for t, dim, idx, old in reversed(saved):
-                t.index_copy_(dim, idx, old)
+        """Context manager: ``r``'s rows/columns/biases written into the base, restored on exit."""
+        return self.flat.patched(r)
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, batch: Any, task_ids: Sequence[str], path: Path_ = "auto") -> tuple[list[torch.Tensor], list[str]]:
