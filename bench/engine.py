@@ -40,8 +40,6 @@ import platform
 import statistics
 import sys
 import time
-import types
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,76 +50,17 @@ import torch.nn.functional as F  # noqa: E402
 
 if __package__ in (None, ""):  # run as `python bench/<name>.py`: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.engine_models import Bench, llama_bench, vit_bench  # noqa: E402
 from bench.engine_peft import peft_forward  # noqa: E402
 from bench.engine_scale import bench_many  # noqa: E402
 from bench.engine_table import DIAGNOSTICS, METHODS, render_table  # noqa: E402
 from bench.engine_tasks import make_packages  # noqa: E402
 from bench.records import Records  # noqa: E402
-from grft_serve.backbones import Backbone, HFTextBackbone, TimmBackbone  # noqa: E402
+from grft_serve.backbones import Backbone  # noqa: E402
 from grft_serve.engine import Engine  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
-
-
-# ---------------------------------------------------------------------------------------------
-# models
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class Bench:
-    name: str
-    kind: str  # "vit" | "llama"
-    backbone: Backbone
-    make_batch: Callable[[int, torch.Generator], Any]  # (batch size, generator) -> CPU batch
-    shape: dict  # extra facts for the records (seq, image size)
-
-
-def _vit(size: str, seq: int) -> Bench:
-    if size == "smoke":
-        bb = TimmBackbone("vit_tiny_patch16_224", weights="random", model_kwargs=dict(img_size=32, patch_size=8, depth=2))
-        name, px = "vit_tiny_smoke(img32,p8,depth2)", 32
-    elif size == "cpu":
-        bb = TimmBackbone("vit_small_patch16_224", weights="random")
-        name, px = "vit_small_patch16_224", 224
-    else:
-        bb = TimmBackbone("vit_base_patch16_224", weights="random")
-        name, px = "vit_base_patch16_224", 224
-
-    def make(b: int, g: torch.Generator):
-        return torch.randn((b, 3, px, px), generator=g)
-
-    return Bench(name, "vit", bb, make, {"image_size": px})
-
-
-def _llama(size: str, seq: int, device: torch.device) -> Bench:
-    from transformers import LlamaConfig, LlamaModel
-
-    if size == "smoke":
-        cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          intermediate_size=128, vocab_size=256, max_position_embeddings=max(seq, 64))
-        name = "llama_tiny_smoke(h64,l2)"
-    elif size == "cpu":  # LLaMA-shaped, mid size
-        cfg = LlamaConfig(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
-                          intermediate_size=1408, vocab_size=8192, max_position_embeddings=max(seq, 256))
-        name = "llama-shape(h512,l4)"
-    else:  # LLaMA-3.2-1B shape, random init
-        cfg = LlamaConfig(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                          intermediate_size=8192, vocab_size=128256, max_position_embeddings=131072,
-                          rope_theta=500000.0, tie_word_embeddings=True)
-        name = "llama-3.2-1b-shape"
-    with torch.device(device):  # random init on the device: seconds instead of a minute on CPU
-        model = LlamaModel(cfg)
-    # The bench feeds pre-tokenised batches straight to Engine.forward: no tokenizer is needed, but
-    # HFTextBackbone's constructor wants one (for preprocess), so give it an inert stand-in.
-    tok = types.SimpleNamespace(pad_token="<pad>", eos_token="<pad>", padding_side="right")
-    bb = HFTextBackbone(name, pooling="last", max_length=seq, model=model, tokenizer=tok, model_id=f"bench/{name}")
-    vocab = cfg.vocab_size
-
-    def make(b: int, g: torch.Generator):
-        return {"input_ids": torch.randint(0, vocab, (b, seq), generator=g),
-                "attention_mask": torch.ones((b, seq), dtype=torch.long)}
-
-    return Bench(name, "llama", bb, make, {"seq": seq})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,9 +275,6 @@ def _device_name(device: torch.device) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# table
-# ---------------------------------------------------------------------------------------------
-# ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
 def _int_list(s: str) -> list[int]:
@@ -432,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     try:
         for which in (["vit", "llama"] if args.model == "all" else [args.model]):
             torch.manual_seed(0)
-            b = _vit(args.size, args.seq) if which == "vit" else _llama(args.size, args.seq, device)
+            b = vit_bench(args.size) if which == "vit" else llama_bench(args.size, args.seq, device)
             bench_model(b, args, device, dtype, emit)
             del b
     finally:
