@@ -111,6 +111,11 @@ class Layout:
         dt, shape, o = self.entries[name]
         return buf[o:o + _nbytes(dt, shape)].view(dt).view(shape)
 
+    def view_many(self, bufs: torch.Tensor, name: str) -> torch.Tensor:
+        """``name`` of every task in ``bufs`` [G, nbytes] (buffers of this layout, stacked): [G, *shape]."""
+        dt, shape, o = self.entries[name]
+        return bufs[:, o:o + _nbytes(dt, shape)].view(dt).view(bufs.shape[0], *shape)
+
 
 @dataclass
 class Packed:

@@ -100,41 +100,40 @@ class ModuleSlots:
                                                           self.bias_delta) if t is not None)
 
     # -- writes ---------------------------------------------------------------------------------
-    def set_rows(self, s: int, idx: torch.Tensor, vals: torch.Tensor, bias: torch.Tensor | None) -> None:
-        """Slot ``s`` gets rows ``idx`` = ``vals``; ``bias``: the module's full bias (task's or base's)."""
+    def set_rows(self, S: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Slots ``S`` [G] get rows ``idx`` [G, k] = ``vals`` [G, k, ...]; ``bias``: the tasks' full
+        biases [G, out], or the base's [out], or None (zeros)."""
         K = self.row_idx.shape[1]
-        k = idx.numel()
-        if k == K:  # the common case (same k for every task): plain copies
-            self.row_idx[s].copy_(idx)
-            self.row_vals[s].copy_(vals)
-        else:
+        k = idx.shape[1]
+        if k < K:  # pad with each slot's first row (written twice, the same value)
             sel = _pad_index(k, K, idx.device)
-            idx = idx.index_select(0, sel)
-            self.row_idx[s].copy_(idx)
-            self.row_vals[s].copy_(vals.index_select(0, sel))
+            idx, vals = idx.index_select(1, sel), vals.index_select(1, sel)
+        self.row_idx.index_copy_(0, S, idx)
+        self.row_vals.index_copy_(0, S, vals.to(self.dtype))
         if bias is None:
-            self.row_bias[s].zero_()
+            self.row_bias.index_fill_(0, S, 0)
         else:
-            torch.index_select(bias, 0, self.row_idx[s], out=self.row_bias[s]) if bias.dtype == self.dtype \
-                else self.row_bias[s].copy_(bias.index_select(0, self.row_idx[s]))
-        self.row_valid[s].fill_(True)
+            sel_b = bias[idx] if bias.dim() == 1 else bias.gather(1, idx)
+            self.row_bias.index_copy_(0, S, sel_b.to(self.dtype))
+        self.row_valid.index_fill_(0, S, True)
 
-    def set_cols(self, s: int, idx: torch.Tensor, delta: torch.Tensor) -> None:
-        k = idx.numel()
-        self.col_idx[s].zero_()
-        self.col_idx[s, :k] = idx
-        self.col_delta[s].zero_()
-        self.col_delta[s, :, :k] = delta
+    def set_cols(self, S: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor) -> None:
+        """Slots ``S`` get columns ``idx`` [G, k] with ``delta`` [G, out, k, ...] = ``C − W[:, idx]``."""
+        k = idx.shape[1]
+        self.col_idx.index_fill_(0, S, 0)
+        self.col_delta.index_fill_(0, S, 0)
+        self.col_idx[S, :k] = idx
+        self.col_delta[S, :, :k] = delta
 
-    def reset(self, s: int, rows: bool, cols: bool, bias: bool) -> None:
-        """Forget what slot ``s`` held (rows become invalid; columns and bias zero)."""
+    def reset(self, S: torch.Tensor, rows: bool, cols: bool, bias: bool) -> None:
+        """Forget what slots ``S`` held (rows become invalid; columns and bias zero)."""
         if rows and self.row_valid is not None:
-            self.row_valid[s] = False
+            self.row_valid.index_fill_(0, S, False)
         if cols and self.col_idx is not None:
-            self.col_idx[s].zero_()
-            self.col_delta[s].zero_()
+            self.col_idx.index_fill_(0, S, 0)
+            self.col_delta.index_fill_(0, S, 0)
         if bias and self.bias_delta is not None:
-            self.bias_delta[s].zero_()
+            self.bias_delta.index_fill_(0, S, 0)
 
 
 _PAD_CACHE: dict[tuple[int, int, torch.device], torch.Tensor] = {}
@@ -180,7 +179,7 @@ class SlotTables:
         """A slot for each (unique) task, writing the tasks not already there; returns (slots, loads).
         Slots of ``task_ids`` and ``protect`` are not reused for this call."""
         keep = set(task_ids) | set(protect)
-        out, loads = [], 0
+        out, new = [], []
         for tid, r in zip(task_ids, residents):
             s = self.lru.get(tid)
             if s is not None and self.owner[s] == (tid, r.gen):
@@ -189,18 +188,25 @@ class SlotTables:
                 continue
             if s is None:
                 s = self._free_slot(keep)
-            self._load(s, tid, r)
-            loads += 1
+            self.owner[s] = (tid, r.gen)  # reserved now, written below
+            self.lru[tid] = s
+            self.lru.move_to_end(tid)
+            new.append((s, r))
             out.append(s)
-        self.loads += loads
-        return out, loads
+        by_layout: dict[int, list] = {}
+        for s, r in new:
+            by_layout.setdefault(id(r.layout), []).append((s, r))
+        for group in by_layout.values():
+            self._load([s for s, _ in group], [r for _, r in group])
+        self.loads += len(new)
+        return out, len(new)
 
     @torch.inference_mode()  # the tables are inference tensors (built in the engine's forward)
     def release(self, task_id: str) -> None:
         """Forget ``task_id``'s slot (unregistered or replaced)."""
         s = self.lru.pop(task_id, None)
         if s is not None:
-            self._clear(s)
+            self._clear([s])
             self.owner[s] = None
 
     def slot_of(self, task_id: str) -> int | None:
@@ -214,9 +220,8 @@ class SlotTables:
             self._grow(min(2 * self.capacity, self.max_slots))
             return self._free_slot(keep)
         for tid, s in self.lru.items():
-            if tid not in keep:
+            if tid not in keep:  # its contents are cleared by the load that takes the slot
                 del self.lru[tid]
-                self._clear(s)
                 self.owner[s] = None
                 self.evictions += 1
                 return s
@@ -238,42 +243,72 @@ class SlotTables:
         self.capacity = capacity
         self.generation += 1
 
-    def _clear(self, s: int) -> None:
-        for i in np.flatnonzero((self.k_row[:, s] > 0) | (self.k_col[:, s] > 0) | self.has_bias[:, s]):
-            self.tables[self.names[i]].reset(s, bool(self.k_row[i, s]), bool(self.k_col[i, s]),
-                                             bool(self.has_bias[i, s]))
-        self.k_row[:, s] = 0
-        self.k_col[:, s] = 0
-        self.has_bias[:, s] = False
+    def _clear(self, slots: list[int], writes: dict[int, tuple[bool, bool, bool]] | None = None) -> None:
+        """Forget what ``slots`` held, except the parts ``writes`` ({module index: (rows, cols, bias)})
+        is about to overwrite anyway."""
+        writes = writes or {}
+        held = (self.k_row[:, slots] > 0).any(1) | (self.k_col[:, slots] > 0).any(1) | self.has_bias[:, slots].any(1)
+        S = None
+        for i in np.flatnonzero(held):
+            w_rows, w_cols, w_bias = writes.get(int(i), (False, False, False))
+            rows = not w_rows and bool((self.k_row[i, slots] > 0).any())
+            cols = not w_cols and bool((self.k_col[i, slots] > 0).any())
+            bias = not w_bias and bool(self.has_bias[i, slots].any())
+            if rows or cols or bias:
+                if S is None:
+                    S = torch.tensor(slots, dtype=torch.long, device=self.tables[self.names[i]].device)
+                self.tables[self.names[i]].reset(S, rows, cols, bias)
+        self.k_row[:, slots] = 0
+        self.k_col[:, slots] = 0
+        self.has_bias[:, slots] = False
 
-    def _load(self, s: int, tid: str, r) -> None:
-        """Write resident task ``r``'s rows/columns/biases into slot ``s`` of every module."""
-        self._clear(s)
-        for name, d in r.deltas():
+    def _load(self, slots: list[int], rs: list) -> None:
+        """Write resident tasks ``rs`` (all of one layout) into ``slots`` of every module: a few ops
+        per module for the whole group (the tasks' buffers are stacked once; every tensor of the
+        layout is then one strided view over the group), none per task."""
+        lay = rs[0].layout
+        bufs = rs[0].packed.buf.unsqueeze(0) if len(rs) == 1 else torch.stack([r.packed.buf for r in rs])
+        S = torch.tensor(slots, dtype=torch.long, device=bufs.device)
+        G = len(rs)
+        with_bias = {n for n, *_ in lay.bias_modules}
+        writes = {}  # module index -> (rows, cols, bias) this group writes
+        for name, mode in lay.modes.items():
+            k = lay.entries[f"{name}.indices"][1][0]
+            writes[self.index[name]] = (mode == ROW and k > 0, mode != ROW and k > 0, name in with_bias)
+        self._clear(slots, writes)
+        rows = {gid: lay.view_many(bufs, f"g{gid}.rows") for gid, _ in lay.groups}
+        bias_all = lay.view_many(bufs, "bias.values") if lay.bias_modules else None
+        biases = {n: (st, ln) for n, st, ln in lay.bias_modules}
+        for name, mode in lay.modes.items():
             i, t = self.index[name], self.tables[name]
+            idx = lay.view_many(bufs, f"{name}.indices")  # [G, k]
+            k = idx.shape[1]
             base_b = self._base_bias(name)
-            if d.k and d.mode == ROW:
-                self.generation += t.ensure_rows(d.k)
-                t.set_rows(s, d.indices, d.values, d.bias if d.bias is not None else base_b)
-                self.k_row[i, s] = d.k
-            elif d.k:
-                self.generation += t.ensure_cols(d.k)
+            b = biases.get(name)
+            tb = None if b is None else bias_all[:, b[0]:b[0] + b[1]]  # [G, out]
+            if k and mode == ROW:
+                gid, start, _ = lay.row_slices[name]
+                self.generation += t.ensure_rows(k)
+                t.set_rows(S, idx, rows[gid][:, start:start + k].reshape(G, k, *t.row_shape),
+                           tb if tb is not None else base_b)
+                self.k_row[i, slots] = k
+            elif k:
+                self.generation += t.ensure_cols(k)
                 W = t.module.weight
-                delta = (d.values.float() - W.index_select(1, d.indices).float()).to(t.dtype)
-                t.set_cols(s, d.indices, delta)
-                self.k_col[i, s] = d.k
-            if d.bias is not None:
+                cols = W.index_select(1, idx.reshape(-1)).view(W.shape[0], G, k, *W.shape[2:]).transpose(0, 1)
+                vals = lay.view_many(bufs, f"{name}.values")  # [G, out, k, ...]
+                t.set_cols(S, idx, (vals.float() - cols.float()).to(t.dtype))
+                self.k_col[i, slots] = k
+            if tb is not None:
                 self.generation += t.ensure_bias()
-                bd = d.bias.float() - base_b.float() if base_b is not None else d.bias
-                t.bias_delta[s] = bd.to(t.dtype)
-                self.has_bias[i, s] = True
-        self._load_head(s, r.head_w, r.head_b)
-        self.owner[s] = (tid, r.gen)
-        self.lru[tid] = s
-        self.lru.move_to_end(tid)
+                bd = tb.float() - base_b.float() if base_b is not None else tb
+                t.bias_delta.index_copy_(0, S, bd.to(t.dtype))
+                self.has_bias[i, slots] = True
+        self._load_heads(S, slots, lay.view_many(bufs, "head.weight"), lay.view_many(bufs, "head.bias"))
 
-    def _load_head(self, s: int, w: torch.Tensor, b: torch.Tensor) -> None:
-        C, D = w.shape
+    def _load_heads(self, S: torch.Tensor, slots: list[int], w: torch.Tensor, b: torch.Tensor) -> None:
+        """Heads ``w`` [G, C, D] / ``b`` [G, C] into ``slots`` (zero-padded to the most classes)."""
+        G, C, D = w.shape
         if self.head_w is None or C > self.head_w.shape[1]:
             old_w, old_b = self.head_w, self.head_b
             self.head_w = w.new_zeros((self.capacity, C, D))
@@ -282,11 +317,13 @@ class SlotTables:
                 self.head_w[:, : old_w.shape[1]] = old_w
                 self.head_b[:, : old_b.shape[1]] = old_b
             self.generation += 1
-        self.head_w[s].zero_()
-        self.head_b[s].zero_()
-        self.head_w[s, :C] = w
-        self.head_b[s, :C] = b
-        self.classes[s] = C
+        Cmax = self.head_w.shape[1]
+        if C < Cmax:
+            w = torch.cat([w, w.new_zeros((G, Cmax - C, D))], 1)
+            b = torch.cat([b, b.new_zeros((G, Cmax - C))], 1)
+        self.head_w.index_copy_(0, S, w)
+        self.head_b.index_copy_(0, S, b)
+        self.classes[slots] = C
 
     def heads(self, feats: torch.Tensor, sample_slot: torch.Tensor, slots: Sequence[int]) -> list[torch.Tensor]:
         """Each sample's task head on its features: one gather + one ``bmm`` for the batch and ONE

@@ -603,3 +603,32 @@ def test_run_reports_and_rejects(mlp):
     with pytest.raises(UnknownTaskError):
         eng.run(x, ["rows", "nope", "rows"])
     assert eng.stats()["batches"] == 1
+
+
+@pytest.mark.parametrize("case", ["mlp", "cnn"])
+def test_grouped_slot_loads_over_reused_slots(case):
+    """Many tasks of one structure written into slots together (one stacked load), into slots that
+    held tasks of other structures (columns, biases, bias-only modules): still per-task exact."""
+    make, data = CASES[case]
+    bb = make()
+    names = [n for n, _ in iter_patchable_names(bb)]
+    same = [random_package(bb, f"r{i}", k=2, seed=i, n_labels=3) for i in range(10)]
+    other = [with_all_biases(bb, random_package(bb, f"o{i}", mode="column" if case == "mlp" else "row", k=1,
+                                                seed=40 + i, n_labels=5), seed=40 + i, bias_only=names[:1])
+             for i in range(4)]
+    eng = _engine_with(bb, same + other, max_slots=4)
+    x = data(6)
+    seq = {p.task_id: torch.stack(eng.forward(x, [p.task_id] * 6, path="patch")[0]) for p in same + other}
+    rng = random.Random(3)
+    for step in range(12):
+        pool = other if step % 3 == 0 else same
+        ids = [rng.choice(pool).task_id for _ in range(5)] + [other[step % 4].task_id]  # always mixed
+        res = eng.run(x, ids, path="override")
+        for i, t in enumerate(ids):
+            got = torch.tensor([a["score"] for a in res.answers[i]["top_k"]])
+            want = seq[t][i].softmax(-1).sort(descending=True).values[: len(got)]
+            assert torch.allclose(got, want, atol=1e-5), (step, t)
+        out = eng.forward(x, ids, path="override")[0]
+        for i, t in enumerate(ids):
+            assert (out[i] - seq[t][i]).abs().max() <= 1e-5, (step, t)
+    assert eng.stats()["slot_evictions"] > 0
