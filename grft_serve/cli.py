@@ -23,6 +23,9 @@ from typing import List, Optional
 
 import typer
 
+if not sys.stderr.isatty():  # logs, not a terminal: no progress frames from transformers / huggingface_hub
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Serve many GRFT tasks from one frozen backbone (Ray Serve).")
 
@@ -128,7 +131,7 @@ def up(config: Path = typer.Argument(Path("deployments/local.yaml"), help="Serve
     if address:
         ray.init(address=address, **init)
     else:
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **init)
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **init)  # a Ray of its own
     stop = {"flag": False}
 
     def _sig(*_):

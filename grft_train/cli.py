@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -14,6 +15,9 @@ from typing import Any, Optional
 import typer
 
 from .config import ConfigError, _merge, load_config, options_help, parse_set
+
+if not sys.stderr.isatty():  # logs, not a terminal: no progress frames from transformers / huggingface_hub
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="GRFT training: select rows/columns by SCL gradients (select), fine-tune only them "

@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a log file gets whole lines, not 80-column wraps
 
 
 @dataclass
@@ -74,7 +74,8 @@ def _missing(task: DemoTask) -> list[str]:
 
 
 def _cli(args: list[str]) -> dict:
-    """Run ``grft-train ARGS`` (progress bars go to the terminal) and return its JSON summary."""
+    """Run ``grft-train ARGS`` (progress bars on a terminal only, one line per epoch in a log) and
+    return its JSON summary."""
     cmd = [sys.executable, "-m", "grft_train", *args]
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
@@ -137,7 +138,8 @@ def serve_app(out: Path, backbones: list[str], token: str) -> tuple[str, object]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # address="local": always a fresh Ray of its own, even when another cluster runs on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name="grft-demo", route_prefix="/")
     return f"http://127.0.0.1:{port}", serve
@@ -254,6 +256,8 @@ def main(out: Path = typer.Option(Path("demo_out"), help="where packages, heat-m
     """Train GRFT tasks on real offline data, serve them with Ray Serve, and query them over HTTP."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not sys.stderr.isatty():  # a log file: the training CLIs and replicas draw no progress frames
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     raise typer.Exit(run(out, per_task, [s for s in tasks.split(",") if s] or None))
 
 
