@@ -147,13 +147,15 @@ def build_task_model(backbone: Backbone, sel: Selection, n_classes: int, cfg: Fi
 # ---------------------------------------------------------------------------------------------
 # loops
 # ---------------------------------------------------------------------------------------------
-def _lr_lambda(warmup: int, total: int):
-    def f(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        prog = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, prog)))
-    return f
+def _warmup_cosine(opt: torch.optim.Optimizer, warmup: int, total: int):
+    """torch's schedulers: lr × (s+1)/warmup for the first ``warmup`` steps, then cosine to 0 at ``total``."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    cos = CosineAnnealingLR(opt, T_max=max(1, total - warmup), eta_min=0.0)
+    if warmup <= 0:
+        return cos
+    lin = LinearLR(opt, start_factor=1.0 / warmup, end_factor=1.0, total_iters=max(1, warmup - 1))
+    return SequentialLR(opt, [lin, cos], milestones=[warmup])
 
 
 def run_fit(cfg: FitConfig, backbone: Backbone | None = None, splits: DataSplits | None = None,
@@ -221,7 +223,7 @@ def run_fit(cfg: FitConfig, backbone: Backbone | None = None, splits: DataSplits
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(warmup, total_steps), total_steps))
+    sched = _warmup_cosine(opt, min(warmup, total_steps), total_steps)
 
     n_bias = sum(b.numel() for b in model.biases.values())
     n_values = n_body - n_bias
