@@ -37,6 +37,8 @@ def build_app(args: dict | AppConfig | None) -> serve.Application:
         handles[b.name] = BackboneDeployment.options(
             name=f"Backbone-{b.name}", num_replicas=b.replicas, max_ongoing_requests=ongoing,
             ray_actor_options={"num_cpus": b.num_cpus, "num_gpus": b.num_gpus, "resources": b.resources},
+            # the ingress logs each HTTP request; its internal calls to a backbone need no second line
+            logging_config={"enable_access_log": False},
         ).bind(b.model_dump(mode="json"), store, limits, cfg.sync_interval_s, cfg.metrics_task_label_cap)
     return IngressDeployment.options(
         num_replicas=cfg.ingress_replicas, max_ongoing_requests=cfg.ingress_max_ongoing_requests,
