@@ -63,6 +63,13 @@ def _conv(module: nn.Conv2d, x, w, b, groups: int):
     return F.conv2d(x, w, b, module.stride, pad, module.dilation, groups)
 
 
+def _pointwise(module: nn.Conv2d) -> bool:
+    """A 1x1, stride-1, ungrouped, unpadded conv: per pixel a matmul, so per-sample rows or columns
+    are one ``bmm`` over ``[B, C, H*W]`` instead of a conv with B groups."""
+    return (tuple(module.weight.shape[-2:]) == (1, 1) and tuple(module.stride) == (1, 1) and module.groups == 1
+            and (module.padding in ("same", "valid") or tuple(module.padding) == (0, 0)))
+
+
 def _group_channels(module: nn.Conv2d, out_idx: torch.Tensor) -> torch.Tensor:
     """For grouped convs: input-channel indices feeding each selected output channel.
     ``out_idx`` [..., k] -> [..., k * cin_per_group]."""
@@ -174,9 +181,12 @@ def apply_mixed(module: nn.Module, x: torch.Tensor, y: torch.Tensor, p: MixedPla
             H, Wd = x.shape[2:]
             xc = x.gather(1, col_idx.view(B, K, 1, 1).expand(B, K, H, Wd))
             out = col_delta.shape[1]
-            yd = _conv(module, xc.reshape(1, B * K, H, Wd), col_delta.reshape(B * out, K, *col_delta.shape[3:]),
-                       None, B)
-            y.add_(yd.view(B, out, *yd.shape[2:]))
+            if _pointwise(module):
+                yd = torch.bmm(col_delta.view(B, out, K), xc.view(B, K, H * Wd))
+            else:
+                yd = _conv(module, xc.reshape(1, B * K, H, Wd), col_delta.reshape(B * out, K, *col_delta.shape[3:]),
+                           None, B)
+            y.add_(yd.view(B, out, *y.shape[2:]))
         else:
             xf = x.reshape(B, -1, x.shape[-1])
             xc = xf.gather(2, col_idx.unsqueeze(1).expand(B, xf.shape[1], K))
@@ -190,7 +200,11 @@ def apply_mixed(module: nn.Module, x: torch.Tensor, y: torch.Tensor, p: MixedPla
     valid = t.row_valid[:, :K].index_select(0, s) if p.mask else None
     if is_conv:
         H, Wd = x.shape[2:]
-        if module.groups == 1:
+        if _pointwise(module):  # a 1x1 conv is a matmul over pixels: one bmm, not B conv groups
+            C = x.shape[1]
+            ysel = torch.baddbmm(row_bias.unsqueeze(2), row_vals.view(B, K, C), x.reshape(B, C, H * Wd))
+            ysel = ysel.view(B, K, H, Wd)
+        elif module.groups == 1:
             C = x.shape[1]
             ysel = _conv(module, x.reshape(1, B * C, H, Wd), row_vals.reshape(B * K, *row_vals.shape[2:]),
                          row_bias.reshape(-1), B)
