@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import secrets
 import signal
 import sys
 import time
@@ -80,16 +79,17 @@ def serve_config(raw: dict, host: str | None = None, port: int | None = None):
 
 
 def _admin_tokens(schema, quiet: bool) -> None:
-    """Generate an admin token for an app whose token variable is set neither here nor in its
-    ``runtime_env.env_vars`` (replicas of a local Ray inherit this process's environment)."""
+    """Say when an app's admin token variable is set neither here nor in its ``runtime_env.env_vars``
+    (replicas of a local Ray inherit this process's environment): task administration is then
+    disabled. A secret is never generated and printed (logs keep stdout)."""
     for a in schema.applications:
         if a.import_path != APP_IMPORT:
             continue
         env = (a.args or {}).get("admin_token_env", "GRFT_ADMIN_TOKEN")
         if os.environ.get(env) or env in ((a.runtime_env or {}).get("env_vars") or {}):
             continue
-        os.environ[env] = secrets.token_urlsafe(24)
-        typer.echo(f"${env} was not set; generated an admin token for this run: {os.environ[env]}")
+        typer.echo(f"${env} is not set: registering and deleting tasks is disabled (403) until it is set "
+                   f"in the serving processes' environment", err=True)
 
 
 def _wait_running(names: list[str], timeout_s: float) -> None:
@@ -327,7 +327,7 @@ def export(package: Path = typer.Argument(..., help="a .grft.safetensors task pa
     metadata carries the task's labels, preprocessing and version."""
     import torch
 
-    from .backbones import BackboneError, load_backbone
+    from .core.backbones import BackboneError, load_backbone
     from .export import export_onnx
     from .package import PackageError
 
