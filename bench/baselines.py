@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grft_serve.backbones import Backbone
+from grft_serve.core.backbones import Backbone
 from grft_serve.rowop import _conv
 from grft_train.config import FitConfig
 from grft_train.fit import build_task_model

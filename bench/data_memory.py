@@ -121,7 +121,7 @@ def resident(ds, backbone, chunk: int = 256) -> dict:
 
 def _phase(args) -> dict:
     """One measurement, in this (fresh) process: nothing earlier has touched its heap."""
-    from grft_serve.backbones import TimmBackbone
+    from grft_serve.core.backbones import TimmBackbone
     from grft_train.data import load_splits
 
     splits = load_splits({"format": "imagefolder", "path": args.root, "val_fraction": 0.05, "test_fraction": 0.05})

@@ -56,7 +56,7 @@ from bench.engine_scale import bench_many  # noqa: E402
 from bench.engine_table import DIAGNOSTICS, METHODS, render_table  # noqa: E402
 from bench.engine_tasks import make_packages  # noqa: E402
 from bench.records import Records  # noqa: E402
-from grft_serve.backbones import Backbone  # noqa: E402
+from grft_serve.core.backbones import Backbone  # noqa: E402
 from grft_serve.engine import Engine  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from grft_serve.backbones import Backbone, HFTextBackbone, TimmBackbone
+from grft_serve.core.backbones import Backbone, HFTextBackbone, TimmBackbone
 
 __all__ = ["Bench", "llama_bench", "vit_bench"]
 

@@ -47,7 +47,7 @@ class PlainModel:
     """One task as an ordinary model: decode → task preprocessing → one forward → head → top-k."""
 
     def __init__(self, spec: dict, package: bytes):
-        from grft_serve.backbones import load_backbone
+        from grft_serve.core.backbones import load_backbone
         from grft_serve.export import merge_task
         from grft_serve.package import load_package
 
@@ -80,7 +80,7 @@ class PlainModel:
     def _run(self, inputs: list[str], top_k: int) -> list[dict]:
         from PIL import Image
 
-        from grft_serve.backbones import Backbone
+        from grft_serve.core.backbones import Backbone
 
         images = []
         for i, s in enumerate(inputs):

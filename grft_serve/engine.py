@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import Backbone
+from .core.backbones import Backbone
 from .base import BaseSpec, fingerprint_modules, iter_patchable
 from .cache import TaskCache, UnknownTaskError
 from .flat import FlatWeights

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_write
-from .backbones import Backbone
+from .core.backbones import Backbone
 from .package import TaskPackage, load_package
 from .rowop import ROW
 from .store import content_version

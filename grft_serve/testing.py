@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backbones import Backbone
+from .core.backbones import Backbone
 from .base import iter_patchable
 from .package import PackageMeta, TaskPackage
 from .rowop import COLUMN, ROW, ModuleDelta

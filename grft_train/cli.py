@@ -94,7 +94,7 @@ def _run(fn, *args):
     from .data import DataError
     from .fit import FitError
     from .select import SelectionError
-    from grft_serve.backbones import BackboneError
+    from grft_serve.core.backbones import BackboneError
     from grft_serve.package import PackageError
 
     try:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from grft_serve.backbones import Backbone, load_backbone
+from grft_serve.core.backbones import Backbone, load_backbone
 
 from .data import DataError, DataSplits, SampleSet, load_splits
 from .loader import raw_batches

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from grft_serve.backbones import BackboneConfig
+from grft_serve.core.backbones import BackboneConfig
 
 from .data import DataConfig
 

@@ -1,6 +1,6 @@
 """Datasets for GRFT training: ``(raw input, label index)`` samples, label names and splits.
 
-Raw inputs are what a :class:`grft_serve.backbones.Backbone` preprocesses: RGB PIL images for
+Raw inputs are what a :class:`grft_serve.core.backbones.Backbone` preprocesses: RGB PIL images for
 image backbones, strings for text backbones. They are read lazily, one sample at a time, by the
 ``DataLoader`` workers of :mod:`grft_train.loader`; nothing is preprocessed up front. Formats
 (readers in :mod:`grft_train.sources`):

@@ -57,7 +57,7 @@ BACKBONES = {
 
 
 def _missing(task: DemoTask) -> list[str]:
-    from grft_serve import zoo
+    from grft_serve.core.backbones import zoo
 
     from .data import fashion_mnist_dir, rotten_tomatoes_path
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from grft_serve.backbones import Backbone
+from grft_serve.core.backbones import Backbone
 from grft_serve.package import load_package
 
 from .common import apply_threads, apply_preprocessing_meta, build_backbone, load_data, resolve_device

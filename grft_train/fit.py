@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grft_serve.backbones import Backbone
+from grft_serve.core.backbones import Backbone
 from grft_serve.package import PackageMeta, TaskPackage, save_package
 from grft_serve.base import iter_patchable
 from grft_serve.rowop import COLUMN, ModuleDelta

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from grft_serve.backbones import Backbone
+from grft_serve.core.backbones import Backbone
 
 __all__ = ["make_loader", "resolve_workers", "Batches", "raw_batches"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from grft_serve.backbones import Backbone
+from grft_serve.core.backbones import Backbone
 from grft_serve.package import TaskPackage
 from grft_serve.rowop import ModuleDelta, RowOpHooks
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grft_serve.backbones import Backbone
+from grft_serve.core.backbones import Backbone
 
 from .common import autocast_ctx
 from .loader import Batches

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from grft_serve.backbones import Backbone
+from grft_serve.core.backbones import Backbone
 from grft_serve.base import iter_patchable
 from grft_serve.package import atomic_write
 

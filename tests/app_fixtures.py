@@ -52,7 +52,7 @@ def text_cfg(path) -> dict:
 
 def build_local_backbone(cfg: dict, seed: int | None = SEED):
     """The same backbone a replica builds (for fingerprints, packages and reference predictions)."""
-    from grft_serve.backbones import load_backbone
+    from grft_serve.core.backbones import load_backbone
 
     if seed is not None:
         torch.manual_seed(seed)

@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 
 
 def tiny_vit(seed: int = 0, depth: int = 2):
-    from grft_serve.backbones import TimmBackbone
+    from grft_serve.core.backbones import TimmBackbone
 
     torch.manual_seed(seed)
     return TimmBackbone("vit_tiny_patch16_224", weights="random",
@@ -23,7 +23,7 @@ def tiny_vit(seed: int = 0, depth: int = 2):
 
 def tiny_cnn(seed: int = 0):
     """A small timm CNN with grouped (depthwise) convs, BN and Conv2dSame padding."""
-    from grft_serve.backbones import TimmBackbone
+    from grft_serve.core.backbones import TimmBackbone
 
     torch.manual_seed(seed)
     return TimmBackbone("test_efficientnet", weights="random", model_kwargs=dict(pad_type="same"))
@@ -32,7 +32,7 @@ def tiny_cnn(seed: int = 0):
 def tiny_mlp(seed: int = 0):
     from torch import nn
 
-    from grft_serve.backbones import ModuleBackbone
+    from grft_serve.core.backbones import ModuleBackbone
 
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(12, 32), nn.GELU(), nn.Linear(32, 32, bias=False), nn.GELU(), nn.Linear(32, 16))

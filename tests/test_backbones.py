@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from grft_serve import zoo
-from grft_serve.backbones import BackboneError, TimmBackbone, load_backbone
+from grft_serve.core.backbones import zoo
+from grft_serve.core.backbones import BackboneError, TimmBackbone, load_backbone
 
 
 def test_timm_weights_file_round_trip(tmp_path):

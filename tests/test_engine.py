@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_cnn, tiny_mlp, tiny_vit
 
-from grft_serve.backbones import HFTextBackbone
+from grft_serve.core.backbones import HFTextBackbone
 from grft_serve.engine import Engine, TaskExistsError, UnknownTaskError
 from grft_serve.package import PackageError, package_bytes
 from grft_serve.testing import random_package, reference_forward

@@ -67,7 +67,7 @@ def test_onnx_metadata_and_file_modes(tmp_path):
 def test_text_export_and_cli_errors(tmp_path):
     from transformers import BertConfig, BertModel, BertTokenizer
 
-    from grft_serve.backbones import HFTextBackbone
+    from grft_serve.core.backbones import HFTextBackbone
 
     d = tmp_path / "bert"
     d.mkdir()

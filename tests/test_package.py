@@ -354,7 +354,7 @@ def test_bad_preprocessing_is_refused(pkg, base, prep, match):
 
 
 def test_preprocessing_the_trainers_write_is_accepted(vit, cnn, mlp):
-    from grft_serve.backbones import HFTextBackbone
+    from grft_serve.core.backbones import HFTextBackbone
     from transformers import BertConfig, BertModel
 
     cfg = BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

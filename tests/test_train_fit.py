@@ -9,7 +9,7 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from grft_serve.backbones import TimmBackbone
+from grft_serve.core.backbones import TimmBackbone
 from grft_serve.package import FingerprintMismatchError, load_package
 from grft_train.cli import app
 from grft_train.config import FitConfig, SelectConfig, load_config

@@ -123,7 +123,7 @@ def test_text_views_differ_without_dropout():
     """A dropout-free text backbone (LLaMA-like) gets span-deletion views; with dropout, dropout views."""
     from torch import nn
 
-    from grft_serve.backbones import Backbone
+    from grft_serve.core.backbones import Backbone
     from grft_train.scl import SCLViews
 
     class Bag(Backbone):

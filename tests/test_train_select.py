@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from grft_serve.backbones import ModuleBackbone
+from grft_serve.core.backbones import ModuleBackbone
 from grft_train.config import SelectConfig
 from grft_train.data import DataSplits, SampleSet, Source
 from grft_train.select import (Selection, heatmap, SelectionError, _subsets, budget_to_k, eligible_modules, run_select,
@@ -137,7 +137,7 @@ def test_subsets_deterministic_and_lowest_loss_chosen(tmp_path):
 
 def test_eligible_modules_rules():
     import timm
-    from grft_serve.backbones import TimmBackbone
+    from grft_serve.core.backbones import TimmBackbone
 
     bb = TimmBackbone("test_vit", model=timm.create_model("test_vit", num_classes=5,
                                                           img_size=32, patch_size=8))

@@ -15,8 +15,8 @@ import time
 import pytest
 import torch
 
-from grft_serve import zoo
-from grft_serve.backbones import BackboneError, HFTextBackbone, TimmBackbone, load_backbone
+from grft_serve.core.backbones import zoo
+from grft_serve.core.backbones import BackboneError, HFTextBackbone, TimmBackbone, load_backbone
 
 
 def _require(name: str) -> None:

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..backbones import BackboneConfig
+from ..core.backbones import BackboneConfig
 from ..package import DEFAULT_MAX_BYTES
 from ..store import DirectoryTaskStore, TaskStore
 

