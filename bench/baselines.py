@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grft_serve.core.backbones import Backbone
-from grft_serve.rowop import _conv
+from grft_serve.core.rowop import _conv
 from grft_train.config import FitConfig
 from grft_train.fit import build_task_model
 from grft_train.model import TaskModel
@@ -52,7 +52,7 @@ class _Plain(TaskModel):
 # GPS
 # ---------------------------------------------------------------------------------------------
 class SparsePatch:
-    """Same interface as :class:`grft_serve.rowop.RowOpHooks` (``active``, ``remove``) for GPS deltas.
+    """Same interface as :class:`grft_serve.core.rowop.RowOpHooks` (``active``, ``remove``) for GPS deltas.
 
     While a delta is active, a module runs with ``W'`` = ``W`` whose entries ``indices[o, j]`` of row
     ``o`` (flattened over the input dims) are replaced by ``values[o, j]``; autograd then gives the

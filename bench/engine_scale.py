@@ -22,7 +22,7 @@ import torch
 
 from bench.engine_tasks import variant
 from grft_serve.engine import Engine
-from grft_serve.package import TaskPackage, package_bytes
+from grft_serve.core.package import TaskPackage, package_bytes
 
 
 def _rss() -> int:

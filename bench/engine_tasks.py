@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from grft_serve.engine import Engine
-from grft_serve.package import TaskPackage
-from grft_serve.rowop import ModuleDelta
+from grft_serve.core.package import TaskPackage
+from grft_serve.core.rowop import ModuleDelta
 from grft_serve.testing import random_package
 
 

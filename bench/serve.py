@@ -96,7 +96,7 @@ def load_app_config(path: Path, backbone: str | None) -> tuple[dict, dict]:
 def make_packages(spec: dict, n: int, input_size: int | None, k: int) -> tuple[list[bytes], dict]:
     """``n`` random GRFT packages (``k`` rows per module, 10 labels) for the backbone of ``spec``."""
     from grft_serve.core.backbones import load_backbone
-    from grft_serve.package import package_bytes
+    from grft_serve.core.package import package_bytes
     from grft_serve.testing import random_package
 
     if spec.get("seed") is not None:

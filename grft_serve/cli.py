@@ -329,7 +329,7 @@ def export(package: Path = typer.Argument(..., help="a .grft.safetensors task pa
 
     from .core.backbones import BackboneError, load_backbone
     from .export import export_onnx
-    from .package import PackageError
+    from .core.package import PackageError
 
     cfg = _backbone_spec(backbone) if backbone else _package_backbone(package)
     try:
@@ -358,7 +358,7 @@ def _backbone_spec(text: str) -> dict:
 
 def _package_backbone(package: Path) -> dict:
     """The backbone config recorded in a package's training config."""
-    from .package import PackageError, peek_meta
+    from .core.package import PackageError, peek_meta
 
     if not package.is_file():
         _fail(f"package not found: {package}")

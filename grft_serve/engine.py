@@ -9,7 +9,7 @@ Two ways to run a batch (both bit-exact with respect to the base; see ``tests/te
   their task is patched in).
 - **override** (several tasks in the batch): no weight is touched; forward hooks correct each
   patchable layer's output per sample from per-module slot tables (:mod:`grft_serve.slots`,
-  :func:`grft_serve.rowop.apply_mixed`): the batch carries a sample → slot index, nothing else.
+  :func:`grft_serve.core.rowop.apply_mixed`): the batch carries a sample → slot index, nothing else.
 
 Task tiers (store → host → device) are one :class:`~grft_serve.cache.TaskCache`; each batch reports
 what it did (:class:`BatchReport`). One lock guards weight mutation and the forward, so the override
@@ -29,14 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .core.backbones import Backbone
-from .base import BaseSpec, fingerprint_modules, iter_patchable
+from .core.spec import BaseSpec, fingerprint_modules, iter_patchable
 from .cache import TaskCache, UnknownTaskError
 from .flat import FlatWeights
 from .graphs import GraphRunner
-from .package import DEFAULT_MAX_BYTES, PackageMeta, PreprocessingMismatchError, TaskPackage, load_package, \
+from .core.package import DEFAULT_MAX_BYTES, PackageMeta, PreprocessingMismatchError, TaskPackage, load_package, \
     package_bytes, read_package_bytes
 from .packed import Layout, Packed, Resident, structure_key
-from .rowop import RowOpHooks
+from .core.rowop import RowOpHooks
 from .slots import SlotTables
 from .store import TaskStore, content_version
 
@@ -161,7 +161,7 @@ class Engine:
 
     def validate(self, data: bytes) -> TaskPackage:
         """Everything :meth:`register` checks, without registering: the package against this base
-        (see :func:`~grft_serve.package.load_package`) and its preprocessing against the backbone."""
+        (see :func:`~grft_serve.core.package.load_package`) and its preprocessing against the backbone."""
         pkg = load_package(data, base=self.spec, max_bytes=self.max_package_bytes)
         why = self.backbone.check_preprocessing(pkg.meta.preprocessing)
         if why is not None:

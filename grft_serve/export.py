@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .atomic import atomic_write
+from .core.atomic import atomic_write
 from .core.backbones import Backbone
-from .package import TaskPackage, load_package
-from .rowop import ROW
+from .core.package import TaskPackage, load_package
+from .core.rowop import ROW
 from .store import content_version
 
 __all__ = ["MergedTask", "merge_task", "export_onnx", "onnx_metadata"]

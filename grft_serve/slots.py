@@ -12,7 +12,7 @@ buffers with one *slot* per task (the design of multi-LoRA servers' stacked adap
 Writing a task into a slot happens once, when the task first joins a mixed batch (LRU over
 ``max_slots`` slots; slots of the running batch and of pinned tasks are never reused). A batch then
 carries only the sample → slot index, and each module does gather + bmm + scatter
-(:func:`grft_serve.rowop.apply_mixed`) with no Python per task.
+(:func:`grft_serve.core.rowop.apply_mixed`) with no Python per task.
 
 Different k per module: a slot with ``0 < k < K`` repeats its first row in the padding positions (the
 same value is written twice, exactly), a slot with no rows on a module is marked invalid there and
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .rowop import ROW, MixedPlan
+from .core.rowop import ROW, MixedPlan
 
 __all__ = ["ModuleSlots", "SlotTables"]
 

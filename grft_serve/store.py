@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from .atomic import TMP_SUFFIX, atomic_write
-from .package import SUFFIX, PackageError, read_header, valid_task_id
+from .core.atomic import TMP_SUFFIX, atomic_write
+from .core.package import SUFFIX, PackageError, read_header, valid_task_id
 
 __all__ = ["BaseTaskStore", "DirectoryTaskStore", "StoredTask", "TaskExistsError", "TaskNotFoundError",
            "TaskStore", "content_version"]

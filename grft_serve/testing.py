@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from .core.backbones import Backbone
-from .base import iter_patchable
-from .package import PackageMeta, TaskPackage
-from .rowop import COLUMN, ROW, ModuleDelta
+from .core.spec import iter_patchable
+from .core.package import PackageMeta, TaskPackage
+from .core.rowop import COLUMN, ROW, ModuleDelta
 
 
 def random_package(backbone: Backbone, task_id: str, *, mode: str = ROW, k: int = 2, n_labels: int = 3,

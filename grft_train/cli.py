@@ -56,7 +56,7 @@ _RUN_KEYS = ("backbone", "data", "input_size", "threads", "batch_size", "seed")
 
 def _package_run(package: str) -> dict:
     """The shared part of the run a package was trained with (its ``training_config``)."""
-    from grft_serve.package import PackageError, peek_meta
+    from grft_serve.core.package import PackageError, peek_meta
 
     p = Path(package)
     if not p.is_file():
@@ -95,7 +95,7 @@ def _run(fn, *args):
     from .fit import FitError
     from .select import SelectionError
     from grft_serve.core.backbones import BackboneError
-    from grft_serve.package import PackageError
+    from grft_serve.core.package import PackageError
 
     try:
         return fn(*args)

@@ -1,8 +1,8 @@
 """``grft-train eval``: accuracy of a task package on a data split.
 
-The package is loaded with :func:`grft_serve.package.load_package` against the backbone's
-:class:`~grft_serve.base.BaseSpec` (fingerprint, shapes, indices all checked) and applied through
-:class:`grft_serve.rowop.RowOpHooks` — the same row op the serving engine uses.
+The package is loaded with :func:`grft_serve.core.package.load_package` against the backbone's
+:class:`~grft_serve.core.spec.BaseSpec` (fingerprint, shapes, indices all checked) and applied through
+:class:`grft_serve.core.rowop.RowOpHooks` — the same row op the serving engine uses.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from grft_serve.core.backbones import Backbone
-from grft_serve.package import load_package
+from grft_serve.core.package import load_package
 
 from .common import apply_threads, apply_preprocessing_meta, build_backbone, load_data, resolve_device
 from .config import EvalConfig

@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from grft_serve.core.backbones import Backbone
-from grft_serve.package import PackageMeta, TaskPackage, save_package
-from grft_serve.base import iter_patchable
-from grft_serve.rowop import COLUMN, ModuleDelta
+from grft_serve.core.package import PackageMeta, TaskPackage, save_package
+from grft_serve.core.spec import iter_patchable
+from grft_serve.core.rowop import COLUMN, ModuleDelta
 
 from .common import (apply_threads, autocast_ctx, build_backbone, count_params, is_head, load_data, resolve_device,
                      seed_everything)

@@ -1,7 +1,7 @@
-"""A frozen backbone + one task's row deltas (through :class:`grft_serve.rowop.RowOpHooks`) + a head.
+"""A frozen backbone + one task's row deltas (through :class:`grft_serve.core.rowop.RowOpHooks`) + a head.
 
 Training and evaluation share this forward: training passes ``nn.Parameter`` values, evaluation
-the tensors of a loaded :class:`grft_serve.package.TaskPackage`. The backbone's own weights are
+the tensors of a loaded :class:`grft_serve.core.package.TaskPackage`. The backbone's own weights are
 never written; the hooks compute the patched outputs from the frozen ones.
 """
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from grft_serve.core.backbones import Backbone
-from grft_serve.package import TaskPackage
-from grft_serve.rowop import ModuleDelta, RowOpHooks
+from grft_serve.core.package import TaskPackage
+from grft_serve.core.rowop import ModuleDelta, RowOpHooks
 
 
 def _key(name: str) -> str:

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from grft_serve.core.backbones import Backbone
-from grft_serve.base import iter_patchable
-from grft_serve.package import atomic_write
+from grft_serve.core.spec import iter_patchable
+from grft_serve.core.package import atomic_write
 
 from .common import (apply_threads, build_backbone, count_params, is_embed, is_head, iter_batches, load_data,
                      resolve_device, seed_everything)

@@ -20,7 +20,7 @@ pytest.importorskip("ray.serve")
 from app_fixtures import (VIT_CFG, app_config, b64, build_local_backbone, free_port,  # noqa: E402
                           make_text_model, png_bytes, run_app, start_ray, text_cfg)
 from grft_serve.engine import Engine  # noqa: E402
-from grft_serve.package import package_bytes  # noqa: E402
+from grft_serve.core.package import package_bytes  # noqa: E402
 from grft_serve.testing import random_package  # noqa: E402
 
 ADMIN = "test-admin-token"
@@ -480,7 +480,7 @@ def test_cli_against_running_app(app, tmp_path):
     from typer.testing import CliRunner
 
     from grft_serve.cli import app as cli
-    from grft_serve.package import save_package
+    from grft_serve.core.package import save_package
 
     path = save_package(random_package(app.vit, "clitask", seed=80), tmp_path / "clitask.grft.safetensors")
     img = tmp_path / "x.png"

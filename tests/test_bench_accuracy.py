@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from grft_serve.package import load_package
+from grft_serve.core.package import load_package
 from grft_train.config import EvalConfig, FitConfig
 from grft_train.evaluate import run_eval
 from grft_train.select import Selection, eligible_modules, sparse_indices

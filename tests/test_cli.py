@@ -175,7 +175,7 @@ def test_up_deploys_like_serve_run(tmp_path):
 
     from app_fixtures import free_port, png_bytes
     from grft_serve.core.backbones import load_backbone
-    from grft_serve.package import save_package
+    from grft_serve.core.package import save_package
     from grft_serve.testing import random_package
 
     port = free_port()

@@ -8,7 +8,7 @@ from conftest import tiny_cnn, tiny_mlp, tiny_vit
 
 from grft_serve.core.backbones import HFTextBackbone
 from grft_serve.engine import Engine, TaskExistsError, UnknownTaskError
-from grft_serve.package import PackageError, package_bytes
+from grft_serve.core.package import PackageError, package_bytes
 from grft_serve.testing import random_package, reference_forward
 
 
@@ -358,7 +358,7 @@ def test_predict_uses_each_tasks_preprocessing(cnn):
     """Tasks trained at different input sizes on one CNN are each served at their own size."""
     from PIL import Image
 
-    from grft_serve.package import PreprocessingMismatchError
+    from grft_serve.core.package import PreprocessingMismatchError
 
     small = random_package(cnn, "small", k=1, seed=1)
     big = random_package(cnn, "big", k=1, seed=2)
@@ -391,8 +391,8 @@ def test_predict_uses_each_tasks_preprocessing(cnn):
 def with_all_biases(bb, pkg, seed=0, bias_only=()):
     """``pkg`` with a bias on EVERY patchable module (also where the base has none), and the modules in
     ``bias_only`` reduced to k = 0 with only a bias (what ``fit.bias: all`` trains)."""
-    from grft_serve.base import iter_patchable
-    from grft_serve.rowop import ModuleDelta
+    from grft_serve.core.spec import iter_patchable
+    from grft_serve.core.rowop import ModuleDelta
 
     g = torch.Generator().manual_seed(seed)
     mods = dict(iter_patchable(bb, bb.exclude_from_patching()))
@@ -462,7 +462,7 @@ def test_biases_on_bias_free_modules_both_paths(case):
 
 
 def iter_patchable_names(bb):
-    from grft_serve.base import iter_patchable
+    from grft_serve.core.spec import iter_patchable
 
     return iter_patchable(bb, bb.exclude_from_patching())
 

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from conftest import tiny_cnn, tiny_mlp
 from fuzz_support import join, split
 from grft_serve.engine import Engine
-from grft_serve.package import PackageError, load_package, package_bytes, read_header
-from grft_serve.rowop import ModuleDelta
+from grft_serve.core.package import PackageError, load_package, package_bytes, read_header
+from grft_serve.core.rowop import ModuleDelta
 from grft_serve.store import DirectoryTaskStore
 from grft_serve.testing import random_package
 

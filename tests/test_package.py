@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fuzz_support import join, split
-from grft_serve import package as P
-from grft_serve.package import load_package, package_bytes, save_package
+from grft_serve.core import package as P
+from grft_serve.core.package import load_package, package_bytes, save_package
 from grft_serve.testing import random_package
 
 

@@ -11,7 +11,7 @@ from app_fixtures import SEED, VIT_CFG, build_local_backbone, make_text_model, p
 from grft_serve.app import BackboneServer
 from grft_serve.app.replica import _Chunk
 from grft_serve.engine import Engine
-from grft_serve.package import package_bytes
+from grft_serve.core.package import package_bytes
 from grft_serve.store import DirectoryTaskStore
 from grft_serve.testing import random_package
 

@@ -11,7 +11,7 @@ from app_fixtures import SEED, VIT_CFG, build_local_backbone
 from grft_serve import metrics as M
 from grft_serve.app import BackboneServer
 from grft_serve.app.residency import STALE_S, ResidencyView, StateDir
-from grft_serve.package import package_bytes
+from grft_serve.core.package import package_bytes
 from grft_serve.store import DirectoryTaskStore
 from grft_serve.testing import random_package
 

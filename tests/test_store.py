@@ -8,7 +8,7 @@ import time
 import pytest
 
 from conftest import tiny_mlp
-from grft_serve.package import SUFFIX, package_bytes
+from grft_serve.core.package import SUFFIX, package_bytes
 from grft_serve.store import BaseTaskStore, DirectoryTaskStore, StoredTask, TaskExistsError, TaskNotFoundError, \
     content_version
 from grft_serve.testing import random_package
@@ -170,7 +170,7 @@ def test_broken_packages_are_reported_not_listed_as_tasks(tmp_path, blobs):
 
 
 def test_info_agrees_with_load(tmp_path, blobs):
-    from grft_serve.package import load_package
+    from grft_serve.core.package import load_package
 
     store = DirectoryTaskStore(tmp_path)
     store.put("t", blobs[2])

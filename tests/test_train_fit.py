@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from grft_serve.core.backbones import TimmBackbone
-from grft_serve.package import FingerprintMismatchError, load_package
+from grft_serve.core.package import FingerprintMismatchError, load_package
 from grft_train.cli import app
 from grft_train.config import FitConfig, SelectConfig, load_config
 from grft_train.data import load_splits
@@ -297,7 +297,7 @@ def test_linear_probe_computes_features_once(tmp_path):
 def test_training_row_op_matches_merged_weights_and_gradients(mode, layer):
     from torch import nn
 
-    from grft_serve.rowop import ModuleDelta, apply_delta
+    from grft_serve.core.rowop import ModuleDelta, apply_delta
 
     if mode == "column" and layer == "depthwise":
         pytest.skip("grouped convs are row-only")
@@ -359,7 +359,7 @@ def test_bias_all_package_on_cnn_merges_and_exports_to_onnx(tmp_path):
     from conftest import tiny_cnn
 
     from grft_serve.export import export_onnx, merge_task
-    from grft_serve.package import save_package
+    from grft_serve.core.package import save_package
     from grft_train.fit import build_task_model, make_package, used_modules
     from grft_train.select import Selection, eligible_modules
 

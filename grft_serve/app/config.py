@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..core.backbones import BackboneConfig
-from ..package import DEFAULT_MAX_BYTES
+from ..core.package import DEFAULT_MAX_BYTES
 from ..store import DirectoryTaskStore, TaskStore
 
 __all__ = ["StoreConfig", "BackboneDeploymentConfig", "Limits", "AppConfig", "make_store"]

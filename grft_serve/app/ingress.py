@@ -22,7 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import ValidationError
 
 from .. import metrics as M
-from ..package import PackageError, peek_meta
+from ..core.package import PackageError, peek_meta
 from ..store import TaskExistsError, TaskNotFoundError
 from .api import api, pyd_error
 from .config import AppConfig, make_store

@@ -34,7 +34,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from .. import __version__
-from ..package import valid_task_id
+from ..core.package import valid_task_id
 from .api import api
 from .oip_codec import HEADER, infer_response, input_name, model_metadata, parse_infer
 from .schemas import ApiError

@@ -35,7 +35,7 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 
 from .. import metrics as M
-from ..package import PackageError
+from ..core.package import PackageError
 from ..store import TaskNotFoundError, content_version
 from .config import BackboneDeploymentConfig, Limits, make_store
 from .index import TaskIndex

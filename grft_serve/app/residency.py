@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Callable
 
 from .. import metrics as M
-from ..atomic import atomic_write
-from ..package import valid_task_id
+from ..core.atomic import atomic_write
+from ..core.package import valid_task_id
 
 __all__ = ["STATE_DIR", "TIERS", "StateDir", "ReplicaResidency", "ResidencyView"]
 

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ...base import BaseSpec, describe_base
+from ..spec import BaseSpec, describe_base
 
 __all__ = ["Backbone", "BackboneError", "ModuleBackbone"]
 

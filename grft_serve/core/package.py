@@ -35,7 +35,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .atomic import TMP_SUFFIX, atomic_write
-from .base import BaseSpec
+from .spec import BaseSpec
 from .package_errors import (DtypeError, EmptyPackageError, FingerprintMismatchError, InvalidIndicesError,
                              MetadataError, NonFiniteError, NotSafetensorsError, PackageError, PackageTooLargeError,
                              PickleContentError, PreprocessingError, PreprocessingMismatchError, ShapeMismatchError,
