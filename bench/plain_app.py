@@ -20,6 +20,8 @@ from fastapi import FastAPI, HTTPException, Request
 from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 
+from grft_serve.core.device import resolve_device, resolve_dtype
+
 __all__ = ["PlainModel"]
 
 
@@ -32,13 +34,8 @@ plain_api = FastAPI(title="plain one-model baseline")
 
 
 def _resolve_device(spec: dict) -> tuple[str, str]:
-    device = spec.get("device", "auto")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = spec.get("dtype", "auto")
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    return device, dtype
+    device = str(resolve_device(spec.get("device", "auto")))
+    return device, resolve_dtype(spec.get("dtype", "auto"), device)
 
 
 @serve.deployment(name="PlainModel")

@@ -43,17 +43,12 @@ def _fail(msg: str, code: int = 1):
 # ---------------------------------------------------------------------------------------------
 def _read_yaml(path: Path, what: str = "config file") -> dict:
     """A YAML (or JSON) mapping from ``path``; a clear CLI error otherwise."""
-    import yaml
+    from .core.files import ConfigFileError, read_yaml_mapping
 
-    if not path.is_file():
-        _fail(f"{what} not found: {path}")
     try:
-        cfg = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        _fail(f"cannot parse {path}: {e}")
-    if not isinstance(cfg, dict):
-        _fail(f"{path}: the top level must be a mapping")
-    return cfg
+        return read_yaml_mapping(path, what)
+    except ConfigFileError as e:
+        _fail(str(e))
 
 
 def serve_config(raw: dict, host: str | None = None, port: int | None = None):

@@ -38,16 +38,11 @@ from .core.package import DEFAULT_MAX_BYTES, PackageMeta, PreprocessingMismatchE
 from .packed import Layout, Packed, Resident, structure_key
 from .core.rowop import RowOpHooks
 from .slots import SlotTables
-from .store import TaskStore, content_version
+from .store import TaskExistsError, TaskStore, content_version
 
 __all__ = ["BatchReport", "BatchResult", "Engine", "TaskExistsError", "TaskInfo", "UnknownTaskError"]
 
 Path_ = Literal["auto", "patch", "override"]
-
-
-class TaskExistsError(KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "task exists"
 
 
 @dataclass

@@ -31,7 +31,10 @@ __all__ = ["BaseTaskStore", "DirectoryTaskStore", "StoredTask", "TaskExistsError
 
 
 class TaskExistsError(KeyError):
-    """A task with this id is already stored and ``replace`` was not asked for."""
+    """A task with this id is already stored/registered and ``replace`` was not asked for."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "task exists"
 
 
 class TaskNotFoundError(KeyError):

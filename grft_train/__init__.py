@@ -1,2 +1,4 @@
 """grft-train: GRFT selection (SCL-gradient row/column scores) and fine-tuning into task packages."""
-__version__ = "0.1.0"
+from grft_serve import __version__
+
+__all__ = ["__version__"]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from grft_serve.core.backbones import Backbone, load_backbone
+from grft_serve.core.device import resolve_device  # noqa: F401  (the training commands' device door)
 
 from .data import DataError, DataSplits, SampleSet, load_splits
 from .loader import raw_batches
@@ -21,15 +22,6 @@ log = logging.getLogger("grft_train")
 HEAD_RE = re.compile(r"(^|\.)(head|heads|classifier|fc|lm_head|pre_logits)(\.|$)")
 EMBED_RE = re.compile(r"(^|\.)(patch_embed|conv_stem|stem|embeddings)(\.|$)")
 BLOCK_RE = re.compile(r"(?:^|\.)(?:blocks|layer|layers|h|stages|block)\.(\d+)(?:\.|$)")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(name)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-    return d
 
 
 def seed_everything(seed: int) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ray import serve
 
+from ..core.files import read_yaml_mapping
 from .api import api
 from .config import AppConfig, make_store
 from .ingress import Ingress
@@ -48,9 +49,7 @@ def build_app(args: dict | AppConfig | None) -> serve.Application:
 
 def app_from_config(path: str | os.PathLike, name: str | None = None) -> serve.Application:
     """Build the app from a Serve config file (its first application, or the one called ``name``)."""
-    import yaml
-
-    cfg = yaml.safe_load(Path(path).read_text()) or {}
+    cfg = read_yaml_mapping(path)
     apps = cfg.get("applications") or [{"name": "grft", "args": cfg}]
     a = next((a for a in apps if name is None or a.get("name") == name), None)
     if a is None:

@@ -5,13 +5,13 @@ before a replica starts (``extra="forbid"``: a misspelt key is an error, not a s
 """
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..core.backbones import BackboneConfig
+from ..core.files import import_object
 from ..core.package import DEFAULT_MAX_BYTES
 from ..store import DirectoryTaskStore, TaskStore
 
@@ -100,6 +100,5 @@ def make_store(cfg: StoreConfig | dict) -> TaskStore:
     if isinstance(cfg, dict):
         cfg = StoreConfig(**cfg)
     if cfg.cls:
-        mod, _, attr = cfg.cls.partition(":")
-        return getattr(importlib.import_module(mod), attr)(**cfg.kwargs)
+        return import_object(cfg.cls)(**cfg.kwargs)
     return DirectoryTaskStore(Path(cfg.path).expanduser())

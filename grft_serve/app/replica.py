@@ -103,6 +103,7 @@ class BackboneServer:
         import torch
 
         from ..core.backbones import load_backbone
+        from ..core.device import resolve_device, resolve_dtype
         from ..engine import Engine
 
         self.spec = BackboneDeploymentConfig(**spec)
@@ -111,12 +112,8 @@ class BackboneServer:
         self.tags = {"backbone": self.name}
         if self.spec.torch_threads:
             torch.set_num_threads(self.spec.torch_threads)
-        device = self.spec.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = self.spec.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        device = str(resolve_device(self.spec.device))
+        dtype = resolve_dtype(self.spec.dtype, device)
         if self.spec.seed is not None:
             torch.manual_seed(self.spec.seed)
         backbone = load_backbone(self.spec.backbone)
