@@ -45,11 +45,7 @@ class MergedTask(nn.Module):
                 elif d.bias is not None:
                     mods[name].bias.copy_(d.bias.to(mods[name].bias))
         self.backbone = bb.requires_grad_(False)
-        self.head = nn.Linear(pkg.head_weight.shape[1], pkg.head_weight.shape[0])
-        with torch.no_grad():
-            self.head.weight.copy_(pkg.head_weight.float())
-            self.head.bias.copy_(pkg.head_bias.float())
-        self.head.requires_grad_(False)
+        self.head = pkg.head()
         self.labels = list(pkg.meta.labels)
 
     def forward(self, batch: Any) -> torch.Tensor:
