@@ -14,6 +14,9 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 
+__all__ = ["LATENCY_BOUNDARIES_MS", "OTHER", "SIZE_BOUNDARIES", "SPECS", "TaskLabels", "inc", "local_node_metrics",
+           "observe", "set_gauge", "snapshot"]
+
 LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
 SIZE_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 

@@ -14,6 +14,8 @@ from .core.spec import iter_patchable
 from .core.package import PackageMeta, TaskPackage
 from .core.rowop import COLUMN, ROW, ModuleDelta
 
+__all__ = ["random_package", "reference_forward"]
+
 
 def random_package(backbone: Backbone, task_id: str, *, mode: str = ROW, k: int = 2, n_labels: int = 3,
                    tune_bias: bool = False, seed: int = 0, scale: float = 0.5, fingerprint: str | None = None,

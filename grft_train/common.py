@@ -17,6 +17,10 @@ from .data import DataError, DataSplits, SampleSet, load_splits
 from .loader import raw_batches
 from .summary import summary_table
 
+__all__ = ["BLOCK_RE", "EMBED_RE", "HEAD_RE", "apply_preprocessing_meta", "apply_threads", "autocast_ctx",
+           "build_backbone", "count_params", "fmt_names", "freeze", "is_embed", "is_head", "iter_batches",
+           "load_data", "module_block", "resolve_device", "seed_everything", "set_input_size"]
+
 log = logging.getLogger("grft_train")
 
 HEAD_RE = re.compile(r"(^|\.)(head|heads|classifier|fc|lm_head|pre_logits)(\.|$)")

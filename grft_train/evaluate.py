@@ -23,6 +23,8 @@ from .loader import Batches
 from .prepared import evaluate_prepared
 from .model import TaskModel
 
+__all__ = ["load_task_model", "package_logits", "run_eval"]
+
 
 def load_task_model(package: str | Path, backbone: Backbone) -> TaskModel:
     """Backbone + package deltas (via RowOpHooks) + package head; preprocessing as in training."""

@@ -14,6 +14,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
+__all__ = ["PATCHABLE_TYPES", "BaseSpec", "ModuleSpec", "describe_base", "fingerprint_modules", "iter_patchable",
+           "module_spec"]
+
 PATCHABLE_TYPES = (nn.Linear, nn.Conv2d)
 
 
