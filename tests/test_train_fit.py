@@ -317,7 +317,10 @@ def test_training_row_op_matches_merged_weights_and_gradients(mode, layer):
     want = torch.autograd.grad((ref * g).sum(), [x, vals, bias])
     y = mod(x)
     out = apply_delta(mod, x, y, ModuleDelta(mode, idx, vals, bias))
-    assert out.data_ptr() == y.data_ptr()  # written in place: no copy of the layer's output
+    if y._is_view():  # F.linear on 3-D input: a fresh tensor, so no CopySlices clones in backward
+        assert "CopySlices" not in type(out.grad_fn).__name__
+    else:
+        assert out.data_ptr() == y.data_ptr()  # written in place: no copy of the layer's output
     got = torch.autograd.grad((out * g).sum(), [x, vals, bias])
     assert torch.allclose(out, ref, atol=1e-5)
     for a, b in zip(got, want):

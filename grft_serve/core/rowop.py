@@ -91,9 +91,18 @@ def _set(y: torch.Tensor, dim: int, idx: torch.Tensor, src: torch.Tensor) -> tor
     return y.index_copy_(dim, idx, src.to(y.dtype))  # autocast may compute src in another dtype
 
 
+def _tracked_view(y: torch.Tensor) -> bool:
+    """Whether an in-place write into ``y`` would make autograd copy gradients: ``y`` is a view
+    (``F.linear`` on 3-D inputs returns one of its 2-D ``addmm`` result) in a graph, so autograd
+    would route its backward through ``CopySlices``, which clones the gradient at every such write."""
+    return torch.is_grad_enabled() and y._is_view()
+
+
 def _add(y: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``y += d`` in place (autograd routes the unchanged gradient to both; see :func:`_set`)."""
-    return y.add_(d.to(y.dtype))
+    """``y + d``: in place, except on a view under autograd (:func:`_tracked_view`), where the
+    out-of-place add costs the same memory pass and leaves a fresh tensor for the row op to write."""
+    d = d.to(y.dtype)
+    return y + d if _tracked_view(y) else y.add_(d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,14 +141,18 @@ def _add_rows(module: nn.Module, x: torch.Tensor, y: torch.Tensor, d: ModuleDelt
 
     The same function of ``R`` as writing ``x Rᵀ + b[idx]`` into the selected outputs (``y``
     already holds ``x W[idx]ᵀ`` plus the task's bias there), but its backward needs no copy at all:
-    the frozen output's gradient passes through unchanged and ``R`` receives the selected slices of
-    it, so the input gradient is ``g W + g[idx] (R − W[idx])`` — the patched layer's. Results match
+    the frozen output's gradient passes through unchanged (the write is in place unless ``y`` is a
+    tracked view, see :func:`_tracked_view`) and ``R`` receives the selected slices of it, so the
+    input gradient is ``g W + g[idx] (R − W[idx])`` — the patched layer's. Results match
     the override form up to float rounding; inference and serving use the override form, which is
     bit-exact against merged weights."""
     idx = d.indices
     diff = d.values - module.weight.index_select(0, idx).to(d.values.dtype)
     if not isinstance(module, nn.Conv2d):
-        return y.index_add_(y.dim() - 1, idx, F.linear(x, diff).to(y.dtype))
+        src = F.linear(x, diff).to(y.dtype)
+        if _tracked_view(y):  # see _tracked_view: one forward copy instead of gradient clones
+            return torch.index_add(y, y.dim() - 1, idx, src)
+        return y.index_add_(y.dim() - 1, idx, src)
     if module.groups == 1:
         y_sel = _conv(module, x, diff, None, 1)
     else:
