@@ -17,7 +17,7 @@ from .data import DataError, DataSplits, SampleSet, load_splits
 from .loader import raw_batches
 from .summary import summary_table
 
-__all__ = ["BLOCK_RE", "EMBED_RE", "HEAD_RE", "apply_preprocessing_meta", "apply_threads", "autocast_ctx",
+__all__ = ["BLOCK_RE", "EMBED_RE", "HEAD_RE", "apply_threads", "autocast_ctx",
            "build_backbone", "count_params", "fmt_names", "freeze", "is_embed", "is_head", "iter_batches",
            "load_data", "module_block", "resolve_device", "seed_everything", "set_input_size"]
 
@@ -38,12 +38,6 @@ def set_input_size(backbone: Backbone, size: int | None) -> None:
     """Override an image backbone's input resolution (recorded by ``preprocessing_meta``)."""
     if size is not None and hasattr(backbone, "set_input_size"):
         backbone.set_input_size(size)
-
-
-def apply_preprocessing_meta(backbone: Backbone, meta: dict) -> None:
-    """Make an image backbone preprocess exactly like it did during training (from package meta)."""
-    if hasattr(backbone, "use_preprocessing"):
-        backbone.use_preprocessing(meta)
 
 
 def apply_threads(cfg) -> None:

@@ -16,7 +16,7 @@ import torch
 from grft_serve.core.backbones import Backbone
 from grft_serve.core.package import load_package
 
-from .common import apply_threads, apply_preprocessing_meta, build_backbone, load_data, resolve_device
+from .common import apply_threads, build_backbone, load_data, resolve_device
 from .config import EvalConfig
 from .data import DataError, DataSplits, SampleSet
 from .loader import Batches
@@ -27,9 +27,9 @@ __all__ = ["load_task_model", "package_logits", "run_eval"]
 
 
 def load_task_model(package: str | Path, backbone: Backbone) -> TaskModel:
-    """Backbone + package deltas (via RowOpHooks) + package head; preprocessing as in training."""
+    """Backbone + package deltas (via RowOpHooks) + package head. Inputs are prepared by passing
+    ``model.meta.preprocessing`` to ``backbone.preprocess`` on each call (the backbone is unchanged)."""
     pkg = load_package(package, base=backbone.describe())
-    apply_preprocessing_meta(backbone, pkg.meta.preprocessing)
     model = TaskModel.from_package(backbone, pkg)
     model.meta = pkg.meta
     return model.eval()
@@ -58,7 +58,8 @@ def run_eval(cfg: EvalConfig, backbone: Backbone | None = None, splits: DataSpli
         if splits is None:
             splits = load_data(cfg, backbone)
         ds = _remap(splits.split(cfg.split), splits.labels, list(model.meta.labels))
-        res = evaluate_prepared(model, Batches(ds, backbone), device, cfg.batch_size, return_logits=True)
+        data = Batches(ds, backbone, preprocessing=model.meta.preprocessing)
+        res = evaluate_prepared(model, data, device, cfg.batch_size, return_logits=True)
     finally:
         model.close()
     logits = res.pop("logits")
@@ -84,6 +85,6 @@ def package_logits(package: str | Path, backbone: Backbone, raws: list) -> torch
     model = load_task_model(package, backbone)
     try:
         dev = next(backbone.parameters()).device
-        return model(backbone.batch_to(backbone.preprocess(raws), dev)).float().cpu()
+        return model(backbone.batch_to(backbone.preprocess(raws, model.meta.preprocessing), dev)).float().cpu()
     finally:
         model.close()

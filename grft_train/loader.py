@@ -83,22 +83,19 @@ def _model_device(backbone: Backbone) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _sample_transform(backbone: Backbone, augment: Callable | None) -> Callable | None:
+def _sample_transform(backbone: Backbone, augment: Callable | None, preprocessing: dict | None) -> Callable | None:
     if augment is not None:
         return augment
-    if backbone.kind == "image" and hasattr(backbone, "eval_transform"):
-        tf = backbone.eval_transform()
-        return lambda x: x if isinstance(x, torch.Tensor) else tf(x.convert("RGB"))
     if backbone.kind == "text":
         return None
-    return lambda x: backbone.preprocess([x])[0]
+    return lambda x: backbone.preprocess([x], preprocessing)[0]
 
 
-def _token_collate(backbone: Backbone) -> Callable:
+def _token_collate(backbone: Backbone, preprocessing: dict | None) -> Callable:
     """Text batches: the backbone tokenises the batch's texts (padded to the longest)."""
     def collate(items):
         x, y = _collate_raw(items)
-        return backbone.preprocess(x), y
+        return backbone.preprocess(x, preprocessing), y
     return collate
 
 
@@ -106,12 +103,15 @@ class Batches:
     """A split ready for batching: ``batches(bs, shuffle, rng)`` yields ``(model batch, labels)``.
 
     Model batches are what ``backbone.batch_to`` takes: preprocessed image tensors (eval transform,
-    or ``augment_tf`` for training) or token dicts. Nothing is kept between epochs."""
+    or ``augment_tf`` for training) or token dicts. ``preprocessing`` (a task package's) is passed to
+    ``backbone.preprocess`` on every call; the backbone is never reconfigured. Nothing is kept between
+    epochs."""
 
     def __init__(self, ds: Dataset, backbone: Backbone, augment_tf: Callable | None = None,
-                 workers: int | None = None):
+                 workers: int | None = None, preprocessing: dict | None = None):
         self.ds = ds
         self.backbone = backbone
+        self.preprocessing = preprocessing
         self.y = torch.tensor(list(getattr(ds, "targets", [])), dtype=torch.long)
         self.augment_tf = augment_tf
         self.workers = workers if workers is not None else getattr(ds, "workers", None)
@@ -124,9 +124,9 @@ class Batches:
             return iter(())
         order = (rng or np.random.default_rng(0)).permutation(len(self.ds)) if shuffle else None
         bb = self.backbone
-        collate = _token_collate(bb) if bb.kind == "text" else None
+        collate = _token_collate(bb, self.preprocessing) if bb.kind == "text" else None
         workers = resolve_workers(self.workers, len(self.ds), bs, bb.kind)
-        return iter(make_loader(self.ds, bs, workers=workers, transform=_sample_transform(bb, self.augment_tf),
+        return iter(make_loader(self.ds, bs, workers=workers, transform=_sample_transform(bb, self.augment_tf, self.preprocessing),
                                 collate=collate, order=order, pin_memory=_model_device(bb).type == "cuda"))
 
 

@@ -82,13 +82,6 @@ class TimmBackbone(Backbone):
         self.data_config = {**self.data_config, "input_size": (3, int(size), int(size)), "crop_pct": 1.0}
         self._eval_tf = None
 
-    def use_preprocessing(self, preprocessing: dict | None) -> None:
-        """Make the default transform the one a task package was trained with."""
-        dc = (preprocessing or {}).get("timm_data_config")
-        if dc:
-            self.data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in dc.items()}
-            self._eval_tf = None
-
     def eval_transform(self, data_config: dict | None = None):
         import timm.data
 
