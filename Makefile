@@ -39,7 +39,7 @@ test: install
 	$(BIN)/python -m pytest -q -ra --durations=15
 
 demo: install
-	$(BIN)/python -m grft_train.demo
+	$(BIN)/python examples/demo.py
 
 bench-smoke: install
 	$(BIN)/python -m bench.engine --smoke

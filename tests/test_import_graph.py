@@ -7,7 +7,7 @@ import graphlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("grft_serve", "grft_train", "bench")
+PACKAGES = ("grft_serve", "grft_train", "bench", "examples")
 
 
 def _modules() -> dict[str, Path]:

@@ -8,7 +8,7 @@
 4. sends the test images/texts of every task over HTTP, per task and mixed in one request;
 5. prints per-task accuracy computed from the HTTP answers, and shuts down.
 
-    python -m grft_train.demo [--out demo_out] [--per-task 200] [--tasks fashion_clothing10,...]
+    python examples/demo.py [--out demo_out] [--per-task 200] [--tasks fashion_clothing10,...]
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ BACKBONES = {
 def _missing(task: DemoTask) -> list[str]:
     from grft_serve.core.backbones import zoo
 
-    from .data import fashion_mnist_dir, rotten_tomatoes_path
+    from grft_train.data import fashion_mnist_dir, rotten_tomatoes_path
 
     have = zoo.available()
     out = []
@@ -106,8 +106,8 @@ def _encode(raw) -> str:
 
 def test_items(task: DemoTask, n: int) -> tuple[list[str], list[str]]:
     """The first ``n`` inputs of the task's test split (the split ``fit`` reported on) and labels."""
-    from .common import load_data
-    from .config import load_config
+    from grft_train.common import load_data
+    from grft_train.config import load_config
 
     cfg = load_config("eval", task.config)
     ds = load_data(cfg).test
