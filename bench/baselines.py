@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grft_serve.core.backbones import Backbone
-from grft_serve.core.rowop import _conv
+from grft_serve.core.rowop import conv_with
 from grft_train.config import FitConfig
 from grft_train.fit import build_task_model
 from grft_train.model import TaskModel
@@ -78,7 +78,7 @@ class SparsePatch:
                 w = w.flatten(1).scatter(1, d.indices, d.values.to(w.dtype)).view_as(w)
             b = d.bias if d.bias is not None else module.bias
             if isinstance(module, nn.Conv2d):
-                return _conv(module, x, w, b, module.groups)
+                return conv_with(module, x, w, b, module.groups)
             return F.linear(x, w, b)
         return forward
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = ["COLUMN", "ROW", "MixedPlan", "ModuleDelta", "RowOpHooks", "apply_delta", "apply_mixed", "conv_with"]
+
 ROW, COLUMN = "row", "column"
 
 
@@ -58,7 +60,9 @@ def _conv_input(module: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, objec
     return x, module.padding
 
 
-def _conv(module: nn.Conv2d, x, w, b, groups: int):
+def conv_with(module: nn.Conv2d, x, w, b, groups: int):
+    """``module``'s convolution (its stride, padding incl. TF-"same", dilation) with weight ``w``,
+    bias ``b`` and ``groups`` instead of its own."""
     x, pad = _conv_input(module, x)
     return F.conv2d(x, w, b, module.stride, pad, module.dilation, groups)
 
@@ -122,7 +126,7 @@ def apply_delta(module: nn.Module, x: torch.Tensor, y: torch.Tensor, d: ModuleDe
     if d.mode == COLUMN:
         delta = d.col_delta if d.col_delta is not None else d.values - module.weight.index_select(1, idx)
         if is_conv:
-            return _add(y, _conv(module, x.index_select(1, idx), delta, None, 1))
+            return _add(y, conv_with(module, x.index_select(1, idx), delta, None, 1))
         return _add(y, F.linear(x.index_select(-1, idx), delta))
     if torch.is_grad_enabled() and d.values.requires_grad:
         return _add_rows(module, x, y, d)
@@ -130,9 +134,9 @@ def apply_delta(module: nn.Module, x: torch.Tensor, y: torch.Tensor, d: ModuleDe
     if not is_conv:
         return _set(y, y.dim() - 1, idx, F.linear(x, d.values, b_sel))
     if module.groups == 1:
-        y_sel = _conv(module, x, d.values, b_sel, 1)
+        y_sel = conv_with(module, x, d.values, b_sel, 1)
     else:
-        y_sel = _conv(module, x.index_select(1, _group_channels(module, idx)), d.values, b_sel, d.k)
+        y_sel = conv_with(module, x.index_select(1, _group_channels(module, idx)), d.values, b_sel, d.k)
     return _set(y, 1, idx, y_sel)
 
 
@@ -154,9 +158,9 @@ def _add_rows(module: nn.Module, x: torch.Tensor, y: torch.Tensor, d: ModuleDelt
             return torch.index_add(y, y.dim() - 1, idx, src)
         return y.index_add_(y.dim() - 1, idx, src)
     if module.groups == 1:
-        y_sel = _conv(module, x, diff, None, 1)
+        y_sel = conv_with(module, x, diff, None, 1)
     else:
-        y_sel = _conv(module, x.index_select(1, _group_channels(module, idx)), diff, None, d.k)
+        y_sel = conv_with(module, x.index_select(1, _group_channels(module, idx)), diff, None, d.k)
     return y.index_add_(1, idx, y_sel.to(y.dtype))
 
 
@@ -197,7 +201,7 @@ def apply_mixed(module: nn.Module, x: torch.Tensor, y: torch.Tensor, p: MixedPla
             if _pointwise(module):
                 yd = torch.bmm(col_delta.view(B, out, K), xc.view(B, K, H * Wd))
             else:
-                yd = _conv(module, xc.reshape(1, B * K, H, Wd), col_delta.reshape(B * out, K, *col_delta.shape[3:]),
+                yd = conv_with(module, xc.reshape(1, B * K, H, Wd), col_delta.reshape(B * out, K, *col_delta.shape[3:]),
                            None, B)
             y.add_(yd.view(B, out, *y.shape[2:]))
         else:
@@ -219,12 +223,12 @@ def apply_mixed(module: nn.Module, x: torch.Tensor, y: torch.Tensor, p: MixedPla
             ysel = ysel.view(B, K, H, Wd)
         elif module.groups == 1:
             C = x.shape[1]
-            ysel = _conv(module, x.reshape(1, B * C, H, Wd), row_vals.reshape(B * K, *row_vals.shape[2:]),
+            ysel = conv_with(module, x.reshape(1, B * C, H, Wd), row_vals.reshape(B * K, *row_vals.shape[2:]),
                          row_bias.reshape(-1), B)
         else:
             ch = _group_channels(module, row_idx)  # [B, K*cin_g]
             xs = x.gather(1, ch.view(B, -1, 1, 1).expand(B, ch.shape[1], H, Wd))
-            ysel = _conv(module, xs.reshape(1, -1, H, Wd), row_vals.reshape(B * K, *row_vals.shape[2:]),
+            ysel = conv_with(module, xs.reshape(1, -1, H, Wd), row_vals.reshape(B * K, *row_vals.shape[2:]),
                          row_bias.reshape(-1), B * K)
         ysel = ysel.view(B, K, *ysel.shape[2:])
         index = row_idx.view(B, K, 1, 1).expand_as(ysel)
