@@ -262,7 +262,7 @@ def delete(task: str, url: Optional[str] = UrlOpt, token: Optional[str] = TokOpt
         typer.echo(f"deleted {task}")
 
 
-def _text_input(task: str, x: str) -> str:
+def text_input(task: str, x: str) -> str:
     """A text task's input: an existing file's UTF-8 content, else the argument itself."""
     p = Path(x)
     if not p.is_file():
@@ -289,7 +289,7 @@ def predict(task: str, inputs: List[str] = typer.Argument(..., help="image files
     payload = []
     for x in inputs:
         if kind == "text":
-            payload.append(_text_input(task, x))
+            payload.append(text_input(task, x))
             continue
         p = Path(x)
         if kind == "image" or p.is_file():

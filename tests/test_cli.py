@@ -238,11 +238,11 @@ def test_predict_text_task_reads_text_files(tmp_path):
     """A text task's input naming a file sends the file's text; a binary file is a clear error."""
     import typer
 
-    from grft_serve.cli import _text_input
+    from grft_serve.cli import text_input
 
     (tmp_path / "review.txt").write_text("a fine film", encoding="utf-8")
     (tmp_path / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
-    assert _text_input("t", str(tmp_path / "review.txt")) == "a fine film"
-    assert _text_input("t", "just some words") == "just some words"
+    assert text_input("t", str(tmp_path / "review.txt")) == "a fine film"
+    assert text_input("t", "just some words") == "just some words"
     with pytest.raises(typer.Exit):
-        _text_input("t", str(tmp_path / "photo.png"))
+        text_input("t", str(tmp_path / "photo.png"))

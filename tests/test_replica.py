@@ -80,9 +80,9 @@ def test_bad_input_fails_only_its_request(vit_server):
 def test_a_failing_chunk_is_isolated_from_the_rest_of_its_batch(vit_server):
     """A merged batch that raises is re-run request by request: only the broken one fails."""
     srv, _, _, _, ref = vit_server
-    good = srv._prepare([{"task": "a", "version": None, "input": png_bytes(5)}], 2)[0][1]
+    good = srv.prepare_inputs([{"task": "a", "version": None, "input": png_bytes(5)}], 2)[0][1]
     broken = _Chunk(torch.full((1, 3, 7, 7), float("nan")), ["a"], good.prep_key, 2)  # wrong shape: forward raises
-    out = srv._run([good, broken, good])
+    out = srv.run_chunks([good, broken, good])
     assert "answers" in out[0] and "answers" in out[2]
     assert out[1]["error"]["status"] == 500 and "Tensor" not in out[1]["error"]["message"]
     want = ref.predict([pil(png_bytes(5))], ["a"], top_k=2)[0]
@@ -117,8 +117,8 @@ def test_text_requests_of_different_lengths_share_one_padded_batch(tmp_path):
                          {"path": str(tmp_path / "store")}, {}, sync_interval_s=3600)
     try:
         texts = ["good", "the movie was not very fun at all", "a bad plot"]
-        chunks = [srv._prepare([{"task": "t", "version": v, "input": x}], 3)[0][1] for x in texts]
-        merged = srv._run(chunks)  # one forward, right-padded to the longest text
+        chunks = [srv.prepare_inputs([{"task": "t", "version": v, "input": x}], 3)[0][1] for x in texts]
+        merged = srv.run_chunks(chunks)  # one forward, right-padded to the longest text
         ref = Engine(build_local_backbone(text_cfg(path), None))
         ref.register(store.get("t"))
         for x, m in zip(texts, merged):

