@@ -30,6 +30,8 @@ import torch
 
 from bench.records import Records
 
+__all__ = ["Peak", "main", "make_images", "resident", "stream_pass"]
+
 
 class Peak:
     """Peak RSS of this process and peak PSS of this process + its children, sampled in a thread."""

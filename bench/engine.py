@@ -59,6 +59,8 @@ from bench.records import Records  # noqa: E402
 from grft_serve.core.backbones import Backbone  # noqa: E402
 from grft_serve.engine import Engine  # noqa: E402
 
+__all__ = ["bench_model", "main", "measure", "parse_args"]
+
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 

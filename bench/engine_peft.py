@@ -13,6 +13,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+__all__ = ["matched_rank", "peft_forward"]
+
 TARGETS = {"vit": ["qkv", "proj", "fc1", "fc2"],
            "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 

@@ -24,6 +24,8 @@ from bench.engine_tasks import variant
 from grft_serve.engine import Engine
 from grft_serve.core.package import TaskPackage, package_bytes
 
+__all__ = ["bench_many"]
+
 
 def _rss() -> int:
     import psutil

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+__all__ = ["render_table"]
+
 METHODS = ("base", "patch", "override", "peft-lora")
 DIAGNOSTICS = ("override.plan", "engine.heads")
 

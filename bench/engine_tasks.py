@@ -8,6 +8,8 @@ from grft_serve.core.package import TaskPackage
 from grft_serve.core.rowop import ModuleDelta
 from grft_serve.testing import random_package
 
+__all__ = ["make_packages", "variant"]
+
 
 def variant(first: TaskPackage, engine: Engine, task_id: str, g: torch.Generator) -> TaskPackage:
     """A package with ``first``'s structure (modules, mode, k, head shape), fresh random rows/values."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from typing import IO
 
+__all__ = ["Records"]
+
 
 class Records:
     """Collects records and writes each as one JSON line (to ``path``, else stdout) as it comes."""

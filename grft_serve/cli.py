@@ -22,6 +22,8 @@ from typing import List, Optional
 
 import typer
 
+__all__ = ["app", "main", "serve_config", "text_input"]
+
 if not sys.stderr.isatty():  # logs, not a terminal: no progress frames from transformers / huggingface_hub
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 

@@ -16,6 +16,8 @@ import typer
 
 from .config import ConfigError, _merge, load_config, options_help, parse_set
 
+__all__ = ["app", "main"]
+
 if not sys.stderr.isatty():  # logs, not a terminal: no progress frames from transformers / huggingface_hub
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
