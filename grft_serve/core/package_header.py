@@ -49,7 +49,7 @@ def valid_task_id(task_id: Any) -> bool:
 
 
 class PackageMeta(BaseModel):
-    """JSON metadata of a task package. ``preprocessing``: see :mod:`grft_serve.preprocessing`."""
+    """JSON metadata of a task package. ``preprocessing``: see :mod:`grft_serve.core.preprocessing`."""
 
     model_config = ConfigDict(extra="allow")
 

@@ -3,7 +3,7 @@
 A *patchable module* is an ``nn.Linear`` or ``nn.Conv2d`` whose weight can be row- (output feature /
 output channel) or column- (input feature / input channel) patched. Everything that is shared by the
 training half (selection, fitting) and the serving half (package validation, engine) lives here and in
-:mod:`grft_serve.rowop`.
+:mod:`grft_serve.core.rowop`.
 """
 from __future__ import annotations
 
