@@ -117,10 +117,11 @@ class BaseTaskStore:
 class DirectoryTaskStore(BaseTaskStore):
     """One ``<task_id>.grft.safetensors`` file per task in ``root`` (see the module docstring)."""
 
-    def __init__(self, root: str | os.PathLike, stale_tmp_s: float = 3600.0):
+    def __init__(self, root: str | os.PathLike, stale_tmp_s: float = 3600.0, sweep_interval_s: float = 60.0):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.stale_tmp_s = stale_tmp_s
+        self.sweep_interval_s = sweep_interval_s  # list() sweeps at most this often (and every stale_tmp_s)
         # id -> ((inode, mtime_ns, size), StoredTask); files are never rewritten in place, so a
         # changed file has a new inode and a cached entry can only be stale by its key
         self._cache: dict[str, tuple[tuple[int, int, int], StoredTask]] = {}
@@ -194,7 +195,7 @@ class DirectoryTaskStore(BaseTaskStore):
         return {tid: t.version for tid, t in self.list().items()}
 
     def list(self) -> dict[str, StoredTask]:
-        if time.monotonic() - self._swept > min(self.stale_tmp_s, 60.0):
+        if time.monotonic() - self._swept >= min(self.stale_tmp_s, self.sweep_interval_s):
             self.sweep()
         out = {}
         for p in sorted(self.root.glob(f"*{SUFFIX}")):

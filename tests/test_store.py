@@ -146,7 +146,7 @@ def test_stale_temp_files_are_swept(tmp_path, blobs):
     # and periodically while serving: a writer killed now is cleaned up later
     store.stale_tmp_s = 1
     late = _temp(tmp_path, "killed2", 30)
-    store._swept = float("-inf")
+    store.sweep_interval_s = 0
     store.list()
     assert not late.exists() and not fresh.exists() and other.exists()
 
