@@ -148,6 +148,10 @@ def plot_curve(summary: dict, path: str | Path) -> Path:
                 ax.axhspan(100 * (r["test_acc"] - r["test_se"]), 100 * (r["test_acc"] + r["test_se"]),
                            color=col, alpha=0.08)
         ax.set_xscale("log")
+        from matplotlib.ticker import FormatStrFormatter
+
+        for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+            axis(FormatStrFormatter("%g"))
         ax.set_xlabel("trainable backbone parameters (%)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(s["title"], fontsize=10)
