@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from grft_serve.core.backbones import BackboneConfig
+from grft_serve.core.files import ConfigFileError, read_yaml_mapping
 
 from .data import DataConfig
 
@@ -177,15 +178,10 @@ def load_config(command: str, path: str | Path | None = None, overrides: dict | 
     model = MODELS[command]
     raw: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: top level must be a mapping")
+            raw = read_yaml_mapping(path)
+        except ConfigFileError as e:
+            raise ConfigError(str(e)) from None
     section = raw.get(command) or {}
     if not isinstance(section, dict):
         raise ConfigError(f"section {command!r} must be a mapping")
