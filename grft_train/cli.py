@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import typer
 
-from .config import ConfigError, _merge, load_config, options_help, parse_set
+from .config import ConfigError, load_config, merge_overrides, options_help, parse_set
 
 __all__ = ["app", "main"]
 
@@ -86,7 +86,7 @@ def _load(cmd: str, config: Optional[Path], sets, quiet: bool, base: dict | None
         logging.getLogger().setLevel(logging.WARNING)
     try:
         over = _overrides(sets, **flags)
-        return load_config(cmd, config, _merge(base, over) if base else over)
+        return load_config(cmd, config, merge_overrides(base, over) if base else over)
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)

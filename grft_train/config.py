@@ -32,6 +32,10 @@ BACKBONE_DOCS = {
 }
 
 
+__all__ = ["ConfigError", "SelectConfig", "FitConfig", "EvalConfig", "COMMANDS", "MODELS", "parse_set",
+           "merge_overrides", "load_config", "options_help"]
+
+
 class ConfigError(ValueError):
     """A run configuration is invalid (unknown key, wrong type, missing file, ...)."""
 
@@ -163,11 +167,11 @@ def parse_set(items: list[str] | None) -> dict:
     return out
 
 
-def _merge(a: dict, b: dict) -> dict:
+def merge_overrides(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = merge_overrides(out[k], v)
         else:
             out[k] = v
     return out
@@ -197,7 +201,7 @@ def load_config(command: str, path: str | Path | None = None, overrides: dict | 
     own = overrides.pop(command, None) or {}  # `--set fit.epochs=3` == `--set epochs=3` for fit
     for other in COMMANDS:
         overrides.pop(other, None)
-    merged = _merge(_merge(_merge(base, section), own), overrides)
+    merged = merge_overrides(merge_overrides(merge_overrides(base, section), own), overrides)
     try:
         return model(**merged)
     except ValidationError as e:

@@ -55,6 +55,9 @@ log = logging.getLogger("grft_train.fit")
 TRAINABLE_DEF = ("(selected row/column values + tuned biases + head parameters) / total backbone "
                  "parameters x 100")
 
+__all__ = ["FitError", "FitResult", "check_selection", "used_modules", "build_task_model", "run_fit",
+           "make_package", "plot_curves"]
+
 
 class FitError(ValueError):
     """Training could not start (selection does not match the backbone, bad config, ...)."""

@@ -14,6 +14,9 @@ from grft_serve.core.package import TaskPackage
 from grft_serve.core.rowop import ModuleDelta, RowOpHooks
 
 
+__all__ = ["TaskModel"]
+
+
 def _key(name: str) -> str:
     return name.replace(".", "__")
 
@@ -89,12 +92,8 @@ class TaskModel(nn.Module):
 
     @classmethod
     def from_package(cls, backbone: Backbone, pkg: TaskPackage) -> "TaskModel":
-        head = nn.Linear(pkg.head_weight.shape[1], pkg.head_weight.shape[0])
+        head = pkg.head()
         dev = next(backbone.parameters()).device
-        with torch.no_grad():
-            head.weight.copy_(pkg.head_weight.float())
-            head.bias.copy_(pkg.head_bias.float())
-        head.requires_grad_(False)
         dt = next(backbone.parameters()).dtype
         idx = {n: d.indices for n, d in pkg.deltas.items()}
         vals = {n: d.values.to(dt) for n, d in pkg.deltas.items()}

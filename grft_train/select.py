@@ -40,6 +40,10 @@ from .scl import SCLViews, supcon_loss
 log = logging.getLogger("grft_train.select")
 META_KEY = "grft_selection"
 
+__all__ = ["SelectionError", "Selection", "eligible_modules", "slice_scores", "topk_indices", "sparse_indices",
+           "budget_to_k", "subset_losses", "accumulate_grads", "select_from_grads", "SCLGrads", "scl_gradients",
+           "build_selection", "run_select", "save_selection", "regularised_summary"]
+
 
 class SelectionError(ValueError):
     """A selection could not be computed, read, or used with this backbone."""
