@@ -80,3 +80,24 @@ def test_timm_without_weights_is_refused_unless_random_is_asked_for():
     torch.manual_seed(5)
     b = TimmBackbone("vit_tiny_patch16_224", weights="random", model_kwargs=kw)
     assert a.describe().fingerprint == b.describe().fingerprint
+
+
+def test_text_task_longer_than_the_models_positions_is_refused(tmp_path):
+    """A package may ask for at most as many tokens as the served model can embed (422, not a
+    failing batch later)."""
+    import pytest
+
+    from app_fixtures import build_local_backbone, make_text_model, text_cfg
+    from grft_serve.core.package import PreprocessingMismatchError, package_bytes
+    from grft_serve.engine import Engine
+    from grft_serve.testing import random_package
+
+    bb = build_local_backbone(text_cfg(make_text_model(tmp_path / "bert")), None)
+    engine = Engine(bb)
+    ok = random_package(bb, "fits", seed=1)
+    ok.meta.preprocessing = {**ok.meta.preprocessing, "max_length": bb.position_limit()}
+    engine.validate(package_bytes(ok))
+    long = random_package(bb, "long", seed=2)
+    long.meta.preprocessing = {**long.meta.preprocessing, "max_length": bb.position_limit() + 1}
+    with pytest.raises(PreprocessingMismatchError, match="positions"):
+        engine.validate(package_bytes(long))

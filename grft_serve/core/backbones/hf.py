@@ -55,7 +55,15 @@ class HFTextBackbone(Backbone):
         pooling = (preprocessing or {}).get("pooling")
         if why is None and pooling is not None and pooling != self.pooling:
             why = f"task was trained with {pooling} pooling; backbone {self.model_id} pools by {self.pooling}"
+        max_length, limit = (preprocessing or {}).get("max_length"), self.position_limit()
+        if why is None and isinstance(max_length, int) and limit is not None and max_length > limit:
+            why = f"task asks for max_length {max_length}; backbone {self.model_id} has {limit} positions"
         return why
+
+    def position_limit(self) -> int | None:
+        """How many token positions the model can embed (None: no fixed limit known)."""
+        n = getattr(getattr(self.net, "config", None), "max_position_embeddings", None)
+        return int(n) if isinstance(n, int) and n > 0 else None
 
     def preprocess(self, raw, preprocessing: dict | None = None):
         if self.tokenizer is None:
