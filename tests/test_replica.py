@@ -9,7 +9,7 @@ import torch
 
 from app_fixtures import SEED, VIT_CFG, build_local_backbone, make_text_model, png_bytes, text_cfg
 from grft_serve.app import BackboneServer
-from grft_serve.app.replica import _Chunk
+from grft_serve.app.replica import Chunk
 from grft_serve.engine import Engine
 from grft_serve.core.package import package_bytes
 from grft_serve.store import DirectoryTaskStore
@@ -81,7 +81,7 @@ def test_a_failing_chunk_is_isolated_from_the_rest_of_its_batch(vit_server):
     """A merged batch that raises is re-run request by request: only the broken one fails."""
     srv, _, _, _, ref = vit_server
     good = srv.prepare_inputs([{"task": "a", "version": None, "input": png_bytes(5)}], 2)[0][1]
-    broken = _Chunk(torch.full((1, 3, 7, 7), float("nan")), ["a"], good.prep_key, 2)  # wrong shape: forward raises
+    broken = Chunk(torch.full((1, 3, 7, 7), float("nan")), ["a"], good.prep_key, 2)  # wrong shape: forward raises
     out = srv.run_chunks([good, broken, good])
     assert "answers" in out[0] and "answers" in out[2]
     assert out[1]["error"]["status"] == 500 and "Tensor" not in out[1]["error"]["message"]

@@ -43,13 +43,13 @@ from .inputs import decode_image
 from .residency import ReplicaResidency
 from .schemas import ApiError, error_item
 
-__all__ = ["BackboneServer", "collate"]
+__all__ = ["BackboneServer", "Chunk", "collate"]
 
 log = logging.getLogger("grft_serve.app")
 
 
 @dataclass
-class _Chunk:
+class Chunk:
     """Preprocessed inputs of one request that share a preprocessing (at most max_batch_size)."""
 
     batch: Any
@@ -59,6 +59,17 @@ class _Chunk:
 
     def __len__(self) -> int:
         return len(self.task_ids)
+
+    def split(self, size: int) -> list[tuple[slice, "Chunk"]]:
+        """Consecutive parts of at most ``size`` inputs, each with the slice of inputs it holds."""
+        if len(self) <= size:
+            return [(slice(0, len(self)), self)]
+        out = []
+        for i in range(0, len(self), size):
+            s = slice(i, min(i + size, len(self)))
+            batch = {k: v[s] for k, v in self.batch.items()} if isinstance(self.batch, dict) else self.batch[s]
+            out.append((s, Chunk(batch, self.task_ids[s], self.prep_key, self.top_k)))
+        return out
 
 
 def collate(batches: list[Any], pad_id: int = 0) -> Any:
@@ -78,12 +89,8 @@ def collate(batches: list[Any], pad_id: int = 0) -> Any:
     return torch.cat(batches)
 
 
-def _n_inputs(chunks: list[_Chunk]) -> int:
+def _n_inputs(chunks: list[Chunk]) -> int:
     return sum(len(c) for c in chunks)
-
-
-def _slices(n: int, size: int) -> list[slice]:
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 def _replica_id() -> str:
@@ -239,9 +246,7 @@ class BackboneServer:
             return {**e.item(), "index": e.extra.get("index")}
         chunks, order = [], []
         for idx, chunk in groups:
-            for s in _slices(len(chunk), self.spec.max_batch_size):
-                part = chunk if s == slice(0, len(chunk)) else _Chunk(
-                    _select(chunk.batch, s), chunk.task_ids[s], chunk.prep_key, chunk.top_k)
+            for s, part in chunk.split(self.spec.max_batch_size):
                 chunks.append(part)
                 order.append(idx[s])
         results = await asyncio.gather(*(self._batched(c) for c in chunks))
@@ -255,7 +260,7 @@ class BackboneServer:
         M.observe("grft_request_in_replica_ms", (time.perf_counter() - t0) * 1e3, self.tags)
         return {"predictions": out}
 
-    def prepare_inputs(self, items: list[dict], top_k: int) -> list[tuple[list[int], _Chunk]]:
+    def prepare_inputs(self, items: list[dict], top_k: int) -> list[tuple[list[int], Chunk]]:
         """Decode and preprocess one request's inputs, grouped by their tasks' preprocessing."""
         for tid, version in dict.fromkeys((it["task"], it.get("version")) for it in items):
             self.ensure_task(tid, version)
@@ -284,26 +289,26 @@ class BackboneServer:
             except Exception as e:  # noqa: BLE001 - this request's inputs only
                 raise ApiError(422, "bad_input", f"cannot preprocess the inputs ({type(e).__name__})",
                                index=idx[0]) from None
-            out.append((idx, _Chunk(batch, [items[i]["task"] for i in idx], key, top_k)))
+            out.append((idx, Chunk(batch, [items[i]["task"] for i in idx], key, top_k)))
         return out
 
     def _batcher(self):
         """Inside Serve: ``@serve.batch`` counting INPUTS (``batch_size_fn``), so chunks of concurrent
         requests merge up to ``max_batch_size`` inputs. Outside Serve (unit tests, embedding the class
         elsewhere) each chunk runs as its own batch."""
-        async def run(chunks: list[_Chunk]) -> list[dict]:
+        async def run(chunks: list[Chunk]) -> list[dict]:
             return await asyncio.to_thread(self.run_chunks, chunks)
 
         try:
             serve.get_replica_context()
         except RayServeException:
-            async def single(chunk: _Chunk) -> dict:
+            async def single(chunk: Chunk) -> dict:
                 return (await run([chunk]))[0]
             return single
         return serve.batch(max_batch_size=self.spec.max_batch_size, batch_wait_timeout_s=self.spec.batch_wait_timeout_s,
                            batch_size_fn=_n_inputs)(run)
 
-    def run_chunks(self, chunks: list[_Chunk]) -> list[dict]:
+    def run_chunks(self, chunks: list[Chunk]) -> list[dict]:
         """Run chunks of several requests as one forward per preprocessing; isolate failures."""
         out: list[dict | None] = [None] * len(chunks)
         by_prep: dict[str, list[int]] = {}
@@ -328,7 +333,7 @@ class BackboneServer:
                         out[j] = error_item(500, "internal", "the backbone failed on this request")
         return out  # type: ignore[return-value]
 
-    def _forward(self, chunks: list[_Chunk]) -> list[list[dict]]:
+    def _forward(self, chunks: list[Chunk]) -> list[list[dict]]:
         t0 = time.perf_counter()
         batch = collate([c.batch for c in chunks], self._pad_id)
         tids = [t for c in chunks for t in c.task_ids]
@@ -352,10 +357,4 @@ class BackboneServer:
             M.inc(f"grft_{c}", getattr(rep, c), self.tags)
         M.observe("grft_batch_latency_ms", (time.perf_counter() - t0) * 1e3, self.tags)
         return out
-
-
-def _select(batch: Any, s: slice) -> Any:
-    if isinstance(batch, dict):
-        return {k: v[s] for k, v in batch.items()}
-    return batch[s]
 
