@@ -101,3 +101,20 @@ def test_text_task_longer_than_the_models_positions_is_refused(tmp_path):
     long.meta.preprocessing = {**long.meta.preprocessing, "max_length": bb.position_limit() + 1}
     with pytest.raises(PreprocessingMismatchError, match="positions"):
         engine.validate(package_bytes(long))
+
+
+def test_default_max_length_never_exceeds_the_models_positions():
+    """A small model's own position limit caps the backbone's default token budget, so packages
+    trained on it (which record that budget) register on it."""
+    from grft_serve.engine import Engine
+    from test_engine import tiny_bert, tiny_llama
+
+    from grft_serve.testing import random_package
+
+    for make in (tiny_bert, tiny_llama):
+        bb = make()
+        assert bb.position_limit() is not None and bb.position_limit() < 128
+        assert bb.max_length == bb.position_limit()
+        pkg = random_package(bb, "t", seed=0)
+        assert pkg.meta.preprocessing["max_length"] == bb.position_limit()
+        Engine(bb).register(pkg)

@@ -42,7 +42,9 @@ class HFTextBackbone(Backbone):
         self.net = model
         self.tokenizer = tokenizer
         self.pooling = pooling
-        self.max_length = max_length
+        # Never tokenize past what the model can embed: a small model's own limit wins over the default.
+        limit = self.position_limit()
+        self.max_length = min(max_length, limit) if limit is not None else max_length
         self.model_id = model_id or f"hf/{Path(str(path)).name if path else type(model).__name__}"
         self.feature_dim = int(model.config.hidden_size)
 
