@@ -55,7 +55,7 @@ from bench.acc_settings import SETTINGS, Setting, merge, smoke_setting  # noqa: 
 from bench.baselines import full_ft_builder, gps_builder, lora_builder, lora_count, lora_rank_for, lora_targets, sparse_k  # noqa: E402,E501
 from bench.records import Records  # noqa: E402
 from bench.rss import PeakMemory  # noqa: E402
-from grft_train.common import build_backbone, count_params, load_data, resolve_device  # noqa: E402
+from grft_train.common import build_backbone, count_params, load_data, resolve_device, task_preprocessing  # noqa: E402
 from grft_train.config import FitConfig, SelectConfig  # noqa: E402
 from grft_train.fit import run_fit, used_modules  # noqa: E402
 from grft_train.select import Selection, build_selection, scl_gradients  # noqa: E402
@@ -94,7 +94,8 @@ def run_seed(st: Setting, families: Sequence[str], ks: Sequence[int], seed: int,
     splits = load_data(scfg, backbone)
     spec = backbone.describe()
     total = count_params(backbone)
-    used = used_modules(backbone, backbone.batch_to(backbone.preprocess([splits.train[0][0]]), dev))
+    probe = backbone.preprocess([splits.train[0][0]], task_preprocessing(backbone, scfg))
+    used = used_modules(backbone, backbone.batch_to(probe, dev))
     meta = {"base_model_id": spec.model_id, "base_fingerprint": spec.fingerprint, "labels": splits.labels}
 
     need_grads = any(f in families for f in ("grft-row", "grft-column", "gps", "lora"))

@@ -105,10 +105,10 @@ def make_packages(spec: dict, n: int, input_size: int | None, k: int) -> tuple[l
     if bb.kind != "image":
         raise SystemExit(f"bench/serve.py: backbone {spec.get('name')!r} is a {bb.kind} backbone; "
                          "the requests carry PNG images (pick an image backbone with --backbone)")
-    if input_size:
-        bb.set_input_size(input_size)
-    pkgs = [package_bytes(random_package(bb, f"bench-{i:02d}", k=k, n_labels=10, seed=i)) for i in range(n)]
-    return pkgs, {"model": bb.model_id, "preprocessing": bb.preprocessing_meta()}
+    prep = bb.preprocessing_meta(input_size=input_size or None)
+    pkgs = [package_bytes(random_package(bb, f"bench-{i:02d}", k=k, n_labels=10, seed=i, preprocessing=prep))
+            for i in range(n)]
+    return pkgs, {"model": bb.model_id, "preprocessing": prep}
 
 
 def make_images(n: int, smoke: bool) -> tuple[list[str], str]:

@@ -19,8 +19,10 @@ __all__ = ["random_package", "reference_forward"]
 
 def random_package(backbone: Backbone, task_id: str, *, mode: str = ROW, k: int = 2, n_labels: int = 3,
                    tune_bias: bool = False, seed: int = 0, scale: float = 0.5, fingerprint: str | None = None,
-                   modules: list[str] | None = None, dtype: torch.dtype = torch.float32) -> TaskPackage:
-    """A package for ``backbone`` with ``k`` random rows (or columns) per patchable module."""
+                   modules: list[str] | None = None, dtype: torch.dtype = torch.float32,
+                   preprocessing: dict | None = None) -> TaskPackage:
+    """A package for ``backbone`` with ``k`` random rows (or columns) per patchable module, recording
+    ``preprocessing`` (default: the backbone's own, ``backbone.preprocessing_meta()``)."""
     g = torch.Generator().manual_seed(seed)
     spec = backbone.describe(fingerprint=fingerprint)
     mods = dict(iter_patchable(backbone, backbone.exclude_from_patching()))
@@ -43,7 +45,7 @@ def random_package(backbone: Backbone, task_id: str, *, mode: str = ROW, k: int 
         deltas[name] = ModuleDelta(mode, idx, vals.to(dtype), None if bias is None else bias.to(dtype))
     meta = PackageMeta(task_id=task_id, base_model_id=spec.model_id, base_fingerprint=spec.fingerprint,
                        mode=mode, k=k, labels=[f"{task_id}-c{i}" for i in range(n_labels)],
-                       preprocessing=backbone.preprocessing_meta())
+                       preprocessing=backbone.preprocessing_meta() if preprocessing is None else preprocessing)
     hw = torch.randn((n_labels, spec.feature_dim), generator=g) / spec.feature_dim ** 0.5
     hb = torch.randn((n_labels,), generator=g) * 0.1
     return TaskPackage(meta, deltas, hw.to(dtype), hb.to(dtype))

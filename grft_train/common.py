@@ -19,7 +19,7 @@ from .summary import summary_table
 
 __all__ = ["BLOCK_RE", "EMBED_RE", "HEAD_RE", "apply_threads", "autocast_ctx",
            "build_backbone", "count_params", "fmt_names", "freeze", "is_embed", "is_head", "iter_batches",
-           "load_data", "module_block", "resolve_device", "seed_everything", "set_input_size"]
+           "load_data", "module_block", "resolve_device", "seed_everything", "task_preprocessing"]
 
 log = logging.getLogger("grft_train")
 
@@ -34,10 +34,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def set_input_size(backbone: Backbone, size: int | None) -> None:
-    """Override an image backbone's input resolution (recorded by ``preprocessing_meta``)."""
-    if size is not None and hasattr(backbone, "set_input_size"):
-        backbone.set_input_size(size)
+def task_preprocessing(backbone: Backbone, cfg) -> dict:
+    """The preprocessing of the run's task: the backbone's defaults with the run's ``input_size``.
+    Every ``backbone.preprocess`` call of select / fit gets it, and the selection and the package
+    record it (serving and eval pass the package's to each call); the backbone is never changed."""
+    return backbone.preprocessing_meta(input_size=getattr(cfg, "input_size", None))
 
 
 def apply_threads(cfg) -> None:
@@ -52,7 +53,6 @@ def build_backbone(cfg, device: torch.device) -> Backbone:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         bb = load_backbone(cfg.backbone)
-    set_input_size(bb, cfg.input_size)
     freeze(bb)
     bb.eval()
     return bb.to(device)
@@ -69,7 +69,8 @@ def load_data(cfg, backbone: Backbone | None = None, summary: bool = True) -> Da
     if backbone is not None and splits.kind != backbone.kind and backbone.kind in ("image", "text"):
         raise DataError(f"{splits.kind} data cannot feed the {backbone.kind} backbone {backbone.model_id}")
     if summary:
-        log.info("dataset\n%s", summary_table(splits, backbone))
+        prep = task_preprocessing(backbone, cfg) if backbone is not None else None
+        log.info("dataset\n%s", summary_table(splits, backbone, prep))
         for note in splits.info.get("notes", []):
             log.warning("dataset: %s", note)
     return splits

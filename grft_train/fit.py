@@ -41,7 +41,7 @@ from grft_serve.core.spec import iter_patchable
 from grft_serve.core.rowop import COLUMN, ModuleDelta
 
 from .common import (apply_threads, autocast_ctx, build_backbone, count_params, is_head, load_data, resolve_device,
-                     seed_everything)
+                     seed_everything, task_preprocessing)
 from .config import FitConfig
 from .data import DataSplits
 from .layers import describe_regularised, regularised_modules
@@ -187,14 +187,15 @@ def run_fit(cfg: FitConfig, backbone: Backbone | None = None, splits: DataSplits
     if sel.meta.get("labels") and sel.meta["labels"] != splits.labels:
         log.warning("selection was computed with labels %s; training with %s", sel.meta["labels"], splits.labels)
 
-    aug = train_augment(backbone) if (cfg.augment and backbone.kind == "image") else None
+    prep = task_preprocessing(backbone, cfg)
+    aug = train_augment(prep) if (cfg.augment and "timm_data_config" in prep) else None
     prep_t = time.time()
-    train = Prepared(splits.train, backbone, aug)
-    val = Prepared(splits.val, backbone)
-    test = Prepared(splits.test, backbone)
+    train = Prepared(splits.train, backbone, aug, preprocessing=prep)
+    val = Prepared(splits.val, backbone, preprocessing=prep)
+    test = Prepared(splits.test, backbone, preprocessing=prep)
     if len(train) == 0:
         raise FitError("the train split is empty")
-    probe = backbone.batch_to(backbone.preprocess([splits.train[0][0]]), device)
+    probe = backbone.batch_to(backbone.preprocess([splits.train[0][0]], prep), device)
     used = used_modules(backbone, probe)
     prep_s = time.time() - prep_t
 
@@ -368,7 +369,7 @@ def make_package(model: TaskModel, sel: Selection, spec, backbone: Backbone, lab
     pkg_metrics = {k: v for k, v in metrics.items() if k not in ("history", "regularised_modules")}
     meta = PackageMeta(task_id=cfg.task_id, base_model_id=spec.model_id, base_fingerprint=spec.fingerprint,
                        mode=sel.mode, k=k_meta, labels=list(labels),
-                       preprocessing=backbone.preprocessing_meta(), metrics=pkg_metrics,
+                       preprocessing=task_preprocessing(backbone, cfg), metrics=pkg_metrics,
                        training_config=cfg.model_dump(mode="json"),
                        trainable_pct_definition=TRAINABLE_DEF,
                        selection={kk: sel.meta.get(kk) for kk in ("budget", "subsets", "chosen_subset",

@@ -27,7 +27,7 @@ def heatmap(sel: "Selection", spec, path: str | Path, bins: int = 64) -> Path:
         if n not in spec.modules:
             continue
         shape = spec.modules[n].weight_shape
-        size = max(shape[1] if sel.mode == "column" else shape[0], 1)
+        size = max(spec.modules[n].n_slices("column" if sel.mode == "column" else "row"), 1)
         sc = sel.scores.get(n)
         if sc is not None and float(sc.max()) > 0:
             v = (sc.float() / sc.max()).numpy()

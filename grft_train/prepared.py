@@ -20,10 +20,11 @@ from .loader import Batches
 __all__ = ["FeatureSet", "evaluate_prepared", "train_augment"]
 
 
-def train_augment(backbone: Backbone):
+def train_augment(preprocessing: dict):
+    """Training augmentation at the input size and normalisation of an image task's preprocessing."""
     from torchvision import transforms as T
 
-    dc = backbone.data_config
+    dc = preprocessing["timm_data_config"]
     size = (int(dc["input_size"][-2]), int(dc["input_size"][-1]))
     return T.Compose([T.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True), T.RandomHorizontalFlip(),
                       T.ToTensor(), T.Normalize(dc["mean"], dc["std"])])

@@ -148,13 +148,15 @@ class SCLViews:
     ``method`` says how the views differ: ``augment`` (image transforms), ``dropout`` or ``span``
     (token span deletion, for text backbones without active dropout)."""
 
-    def __init__(self, backbone, n_views: int = 2, span_ratio: float = SPAN_RATIO):
+    def __init__(self, backbone, n_views: int = 2, span_ratio: float = SPAN_RATIO,
+                 preprocessing: dict | None = None):
         self.backbone = backbone
         self.n_views = n_views
         self.span_ratio = span_ratio
+        self.preprocessing = preprocessing if preprocessing is not None else backbone.preprocessing_meta()
         self._tf = None
         if backbone.kind == "image":
-            self._tf = gps_transform(getattr(backbone, "data_config", {}) or {})
+            self._tf = gps_transform(self.preprocessing.get("timm_data_config") or {})
             self.method = "augment"
         elif backbone.kind == "text" and not has_active_dropout(backbone):
             self.method = "span"
@@ -180,7 +182,7 @@ class SCLViews:
                 bb.train(prev)
             B = len(raws)
             return f.float().view(self.n_views, B, -1).transpose(0, 1)
-        batch = bb.batch_to(bb.preprocess(list(raws)), device)
+        batch = bb.batch_to(bb.preprocess(list(raws), self.preprocessing), device)
         outs = []
         if self.method == "span":
             tok = getattr(bb, "tokenizer", None)

@@ -26,11 +26,11 @@ import torch
 from torch import nn
 
 from grft_serve.core.backbones import Backbone
-from grft_serve.core.spec import iter_patchable
+from grft_serve.core.spec import iter_patchable, slice_count, slice_numel
 from grft_serve.core.package import atomic_write
 
 from .common import (apply_threads, build_backbone, count_params, is_embed, is_head, iter_batches, load_data,
-                     resolve_device, seed_everything)
+                     resolve_device, seed_everything, task_preprocessing)
 from .config import SelectConfig
 from .data import SampleSet
 from .layers import describe_regularised
@@ -163,20 +163,10 @@ def budget_to_k(shapes: dict[str, tuple[int, ...]], mode: str, total_params: int
     """
     allowed = budget * total_params
 
-    def per_slice(shape):
-        n = 1
-        for i, s in enumerate(shape):
-            if i != (0 if mode != "column" else 1):
-                n *= s
-        return n
-
-    def n_slices(shape):
-        return shape[1] if mode == "column" else shape[0]
-
     def cost(k):
-        return sum(min(k, n_slices(s)) * per_slice(s) for s in shapes.values())
+        return sum(min(k, slice_count(s, mode)) * slice_numel(s, mode) for s in shapes.values())
 
-    kmax = max(n_slices(s) for s in shapes.values())
+    kmax = max(slice_count(s, mode) for s in shapes.values())
     lo, hi = 0, kmax
     while lo < hi:  # largest k with cost(k) <= allowed
         mid = (lo + hi + 1) // 2
@@ -185,11 +175,11 @@ def budget_to_k(shapes: dict[str, tuple[int, ...]], mode: str, total_params: int
         else:
             hi = mid - 1
     if lo >= 1:
-        return {n: min(lo, n_slices(s)) for n, s in shapes.items()}
-    order = sorted(shapes, key=lambda n: -(float(scores[n].max()) / per_slice(shapes[n]) if scores else 0.0))
+        return {n: min(lo, slice_count(s, mode)) for n, s in shapes.items()}
+    order = sorted(shapes, key=lambda n: -(float(scores[n].max()) / slice_numel(shapes[n], mode) if scores else 0.0))
     out, used = {n: 0 for n in shapes}, 0
     for n in order:
-        c = per_slice(shapes[n])
+        c = slice_numel(shapes[n], mode)
         if used + c <= allowed:
             out[n] = 1
             used += c
@@ -241,7 +231,7 @@ def accumulate_grads(backbone: Backbone, modules: list[tuple[str, nn.Module]], d
     backward, so memory holds one batch's activations plus one gradient per weight.
 
     Weights are only marked ``requires_grad`` for the duration; they are never written."""
-    views = SCLViews(backbone)
+    views = SCLViews(backbone, preprocessing=task_preprocessing(backbone, cfg))
     weights = [m.weight for _, m in modules]
     for w in weights:
         w.grad = None
@@ -312,7 +302,8 @@ def scl_gradients(cfg: SelectConfig, backbone: Backbone, splits, device: torch.d
     losses = None
     chosen = 0
     if len(subsets) > 1:
-        losses = subset_losses(backbone, SCLViews(backbone), subsets, cfg, device)
+        views = SCLViews(backbone, preprocessing=task_preprocessing(backbone, cfg))
+        losses = subset_losses(backbone, views, subsets, cfg, device)
         chosen = int(np.argmin(losses))
         log.info("subset SCL losses %s -> subset %d", losses, chosen)
     grads, ginfo = accumulate_grads(backbone, modules, subsets[chosen], cfg, device)
@@ -339,7 +330,8 @@ def build_selection(g: SCLGrads, backbone: Backbone, labels: list[str], cfg: Sel
     total = count_params(backbone)
     idx, scores = select_from_grads(grads, cfg.mode, cfg.k, cfg.budget, total)
     idx = {n: i for n, i in idx.items() if i.shape[-1] > 0}
-    selected = sum(_numel_selected(spec.modules[n].weight_shape, cfg.mode, i) for n, i in idx.items())
+    selected = sum(int(i.numel()) * (1 if cfg.mode == "sparse" else spec.modules[n].slice_numel(cfg.mode))
+                   for n, i in idx.items())
     meta = dict(g.meta, **{
         "format": "grft-selection/1",
         "base_model_id": spec.model_id,
@@ -351,7 +343,7 @@ def build_selection(g: SCLGrads, backbone: Backbone, labels: list[str], cfg: Sel
         "selected_values": selected,
         "backbone_params": total,
         "selected_fraction": selected / total,
-        "preprocessing": backbone.preprocessing_meta(),
+        "preprocessing": task_preprocessing(backbone, cfg),
         "config": cfg.model_dump(mode="json"),
         "packageable": cfg.mode != "sparse",
     })
@@ -392,12 +384,3 @@ def regularised_summary(sel: Selection, last_layers: int, embed: bool = True, he
     used = [n for n in (sel.meta.get("eligible_modules") or list(sel.indices)) if n not in unused]
     return describe_regularised(used, last_layers, embed, head)
 
-
-def _numel_selected(shape: tuple[int, ...], mode: str, idx: torch.Tensor) -> int:
-    if mode == "sparse":
-        return int(idx.numel())
-    per = 1
-    for i, s in enumerate(shape):
-        if i != (1 if mode == "column" else 0):
-            per *= s
-    return int(idx.numel()) * per

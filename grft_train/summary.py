@@ -34,19 +34,21 @@ def input_sizes(splits: DataSplits, n: int = 16) -> str:
     return f"{shown} px (first {k} train images)"
 
 
-def _model_input(backbone) -> str | None:
+def _model_input(backbone, preprocessing: dict | None) -> str | None:
     if backbone is None:
         return None
-    dc = getattr(backbone, "data_config", None)
-    if dc and "input_size" in dc:
+    prep = preprocessing if preprocessing is not None else backbone.preprocessing_meta()
+    dc = prep.get("timm_data_config") or {}
+    if "input_size" in dc:
         return f"{backbone.model_id} takes {dc['input_size'][-1]}x{dc['input_size'][-2]} px"
-    if getattr(backbone, "max_length", None):
-        return f"{backbone.model_id} takes up to {backbone.max_length} tokens"
+    if prep.get("max_length"):
+        return f"{backbone.model_id} takes up to {prep['max_length']} tokens"
     return f"{backbone.model_id}"
 
 
-def summary_table(splits: DataSplits, backbone=None) -> str:
-    """The summary as plain text (a rich table, no colour codes)."""
+def summary_table(splits: DataSplits, backbone=None, preprocessing: dict | None = None) -> str:
+    """The summary as plain text (a rich table, no colour codes); the model line shows the input
+    size of ``preprocessing`` (default: the backbone's own)."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
@@ -71,7 +73,7 @@ def summary_table(splits: DataSplits, backbone=None) -> str:
     if info.get("layout"):
         lines.append(f"layout: {info['layout']}")
     lines.append(f"inputs: {input_sizes(splits)}")
-    model = _model_input(backbone)
+    model = _model_input(backbone, preprocessing)
     if model:
         lines.append(f"model: {model}")
     return "\n".join(lines)

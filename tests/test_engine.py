@@ -363,9 +363,7 @@ def test_predict_uses_each_tasks_preprocessing(cnn):
     small = random_package(cnn, "small", k=1, seed=1)
     big = random_package(cnn, "big", k=1, seed=2)
     for pkg, size in ((small, 32), (big, 48)):
-        cnn.set_input_size(size)
-        pkg.meta.preprocessing = cnn.preprocessing_meta()
-    cnn.set_input_size(64)
+        pkg.meta.preprocessing = cnn.preprocessing_meta(input_size=size)
     eng = Engine(cnn)
     eng.register(small)
     eng.register(big)

@@ -360,11 +360,11 @@ def test_preprocessing_the_trainers_write_is_accepted(vit, cnn, mlp):
     cfg = BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                      num_attention_heads=2, max_position_embeddings=64)
     text = HFTextBackbone(None, pooling="last", max_length=512, model=BertModel(cfg), model_id="bert/tiny")
-    vit.set_input_size(48)
-    for bb in (vit, cnn, mlp, text):
-        pkg = random_package(bb, "ok", k=1)
+    for bb, size in ((vit, 48), (vit, None), (cnn, None), (mlp, None), (text, None)):
+        prep = bb.preprocessing_meta(input_size=size)
+        pkg = random_package(bb, "ok", k=1, preprocessing=prep)
         got = load_package(package_bytes(pkg), base=bb.describe())
-        assert got.meta.preprocessing == json.loads(json.dumps(bb.preprocessing_meta()))
+        assert got.meta.preprocessing == json.loads(json.dumps(prep))
     _rewrite(random_package(mlp, "ok", k=1), meta={"preprocessing": {}})  # the backbone's defaults
 
 

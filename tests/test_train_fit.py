@@ -122,6 +122,32 @@ def test_package_roundtrip_and_eval_same_logits(trained):
     assert rep["accuracy"] == pytest.approx(res.metrics["test_acc"])
 
 
+def test_run_input_size_is_used_by_every_call_and_recorded_never_set_on_the_backbone(imgdir, tmp_path):
+    """``input_size`` is the task's preprocessing: selection views, training batches, val/test, the
+    package and eval all use it; the backbone keeps its own data config. The ViT below only runs
+    32 px inputs while its data config claims 64 px, so any call that fell back to the backbone's
+    default would fail."""
+    bb = _backbone()
+    bb.data_config = {**bb.data_config, "input_size": (3, 64, 64)}
+    before = bb.preprocessing_meta()
+    common = dict(backbone=BACKBONE, data=dict(format="imagefolder", path=str(imgdir), val_fraction=0.25,
+                                               test_fraction=0.25), progress=False, batch_size=12, device="cpu",
+                  input_size=32)
+    splits = load_splits(common["data"])
+    sel = run_select(SelectConfig(**common, out=str(tmp_path / "s.safetensors"), k=1, heatmap=False),
+                     backbone=bb, splits=splits)
+    res = run_fit(FitConfig(**common, selection=str(tmp_path / "s.safetensors"), out_dir=str(tmp_path / "f"),
+                            epochs=1, augment=True), backbone=bb, splits=splits, selection=sel)
+    assert bb.preprocessing_meta() == before
+    assert sel.meta["preprocessing"]["timm_data_config"]["input_size"] == [3, 32, 32]
+    pkg = load_package(res.package_path, base=bb.describe())
+    assert pkg.meta.preprocessing["timm_data_config"]["input_size"] == [3, 32, 32]
+    assert pkg.meta.preprocessing["timm_data_config"]["crop_pct"] == 1.0
+    rep = run_eval(EvalConfig(**common, package=str(res.package_path)), backbone=bb, splits=splits)
+    assert rep["accuracy"] == pytest.approx(res.metrics["test_acc"])
+    assert bb.preprocessing_meta() == before
+
+
 def test_package_rejected_on_other_base(trained):
     other = _backbone(seed=1)
     with pytest.raises(FingerprintMismatchError):

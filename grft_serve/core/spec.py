@@ -15,9 +15,24 @@ import torch
 from torch import nn
 
 __all__ = ["PATCHABLE_TYPES", "BaseSpec", "ModuleSpec", "describe_base", "fingerprint_modules", "iter_patchable",
-           "module_spec"]
+           "module_spec", "slice_count", "slice_numel"]
 
 PATCHABLE_TYPES = (nn.Linear, nn.Conv2d)
+
+
+def slice_count(shape: tuple[int, ...], mode: str) -> int:
+    """How many rows (dim 0) or columns (dim 1) a weight of ``shape`` has."""
+    return int(shape[1] if mode == "column" else shape[0])
+
+
+def slice_numel(shape: tuple[int, ...], mode: str) -> int:
+    """Values in one row (every dim but 0) or one column (every dim but 1) of a weight of ``shape``."""
+    skip = 1 if mode == "column" else 0
+    n = 1
+    for i, s in enumerate(shape):
+        if i != skip:
+            n *= int(s)
+    return n
 
 
 @dataclass(frozen=True)
@@ -45,10 +60,7 @@ class ModuleSpec:
 
     @property
     def row_numel(self) -> int:
-        n = 1
-        for s in self.weight_shape[1:]:
-            n *= s
-        return n
+        return slice_numel(self.weight_shape, "row")
 
     def supports_columns(self) -> bool:
         """Column patching of a grouped conv would mix channels of different groups: row mode only."""
@@ -60,7 +72,11 @@ class ModuleSpec:
         return (self.weight_shape[0], k, *self.weight_shape[2:])
 
     def n_slices(self, mode: str) -> int:
-        return self.weight_shape[0] if mode == "row" else self.weight_shape[1]
+        return slice_count(self.weight_shape, mode)
+
+    def slice_numel(self, mode: str) -> int:
+        """Values in one selected row or column (what a k of 1 costs in this module)."""
+        return slice_numel(self.weight_shape, mode)
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "weight_shape": list(self.weight_shape), "has_bias": self.has_bias,

@@ -70,7 +70,10 @@ class Backbone(nn.Module):
         """Module names (prefixes) never selected nor patched (e.g. an unused LM head)."""
         return ()
 
-    def preprocessing_meta(self) -> dict:
+    def preprocessing_meta(self, input_size: int | None = None) -> dict:
+        """What a task trained on this backbone records as its ``preprocessing`` (and passes to
+        :meth:`preprocess`). ``input_size`` (a square resolution) only means something to image
+        backbones with a data config; others ignore it."""
         return {"kind": self.kind}
 
     def describe(self, fingerprint: str | None = None) -> BaseSpec:

@@ -92,7 +92,7 @@ class HFTextBackbone(Backbone):
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-6)
 
-    def preprocessing_meta(self) -> dict:
+    def preprocessing_meta(self, input_size: int | None = None) -> dict:
         return {"kind": "text", "pooling": self.pooling, "max_length": self.max_length}
 
 

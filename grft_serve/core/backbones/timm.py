@@ -74,14 +74,6 @@ class TimmBackbone(Backbone):
     def forward(self, batch):
         return self.net(batch)
 
-    def set_input_size(self, size: int | None) -> None:
-        """Use a square ``size`` input instead of the model's default (resize, never crop: small
-        images such as 28 px Fashion-MNIST are upscaled whole). Recorded by ``preprocessing_meta``."""
-        if size is None:
-            return
-        self.data_config = {**self.data_config, "input_size": (3, int(size), int(size)), "crop_pct": 1.0}
-        self._eval_tf = None
-
     def eval_transform(self, data_config: dict | None = None):
         import timm.data
 
@@ -109,9 +101,15 @@ class TimmBackbone(Backbone):
             out.append(tf(r.convert("RGB")))
         return torch.stack(out)
 
-    def preprocessing_meta(self) -> dict:
-        cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.data_config.items()}
-        return {"kind": "image", "timm_data_config": cfg}
+    def preprocessing_meta(self, input_size: int | None = None) -> dict:
+        """The model's data config, or a square ``input_size`` one (resize, never crop: small images
+        such as 28 px Fashion-MNIST are upscaled whole). The backbone itself is not changed: tasks
+        pass what this returns to :meth:`preprocess` on every call."""
+        dc = dict(self.data_config)
+        if input_size is not None:
+            dc.update(input_size=(3, int(input_size), int(input_size)), crop_pct=1.0)
+        return {"kind": "image", "timm_data_config": {k: (list(v) if isinstance(v, tuple) else v)
+                                                       for k, v in dc.items()}}
 
 
 @register_backbone("timm")
