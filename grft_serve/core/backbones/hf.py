@@ -5,6 +5,7 @@ Features are the mean of the last hidden states over real tokens (``pooling: mea
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +15,8 @@ from torch import nn
 
 from .base import Backbone, BackboneError
 from .registry import BackboneConfig, register_backbone
+
+log = logging.getLogger("grft_serve.backbones")
 
 __all__ = ["HFTextBackbone"]
 
@@ -44,8 +47,10 @@ class HFTextBackbone(Backbone):
         self.pooling = pooling
         # Never tokenize past what the model can embed: a small model's own limit wins over the default.
         limit = self.position_limit()
-        self.max_length = min(max_length, limit) if limit is not None else max_length
         self.model_id = model_id or f"hf/{Path(str(path)).name if path else type(model).__name__}"
+        if limit is not None and max_length > limit:
+            log.info("%s embeds %d token positions: max_length %d -> %d", self.model_id, limit, max_length, limit)
+        self.max_length = min(max_length, limit) if limit is not None else max_length
         self.feature_dim = int(model.config.hidden_size)
 
     def exclude_from_patching(self) -> tuple[str, ...]:
