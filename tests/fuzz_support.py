@@ -8,6 +8,7 @@ import os
 import struct
 
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 N = int(os.environ.get("GRFT_FUZZ_EXAMPLES", "150"))
 _QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large]
@@ -15,6 +16,19 @@ settings.register_profile("ci", max_examples=N, deadline=None, derandomize=True,
                           suppress_health_check=_QUIET)
 settings.register_profile("deep", max_examples=20 * N, deadline=None, suppress_health_check=_QUIET)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def damage(draw, data: bytearray, op: str, max_flips: int, max_tail: int) -> bytearray:
+    """``data`` damaged in place by ``op``: ``flip`` 1..max_flips random bytes, ``truncate`` at a random
+    offset, ``append`` 1..max_tail random bytes; any other op leaves it as it is."""
+    if op == "flip":
+        for _ in range(draw(st.integers(1, max_flips))):
+            data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    elif op == "truncate":
+        del data[draw(st.integers(0, len(data) - 1)):]
+    elif op == "append":
+        data += draw(st.binary(min_size=1, max_size=max_tail))
+    return data
 
 
 def split(data: bytes) -> tuple[dict, bytes]:

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import fuzz_support  # noqa: F401,E402 - the hypothesis profiles
+from fuzz_support import damage  # noqa: E402 - also loads the hypothesis profiles
 
 inputs = pytest.importorskip("grft_serve.app.inputs")
 from grft_serve.app.config import Limits  # noqa: E402
@@ -53,16 +53,8 @@ def images(draw) -> bytes:
     img = Image.new(mode, (w, h), color=draw(st.integers(0, 255)))
     buf = io.BytesIO()
     img.save(buf, format=fmt)
-    data = bytearray(buf.getvalue())
     how = draw(st.sampled_from(["none", "flip", "truncate", "append"]))
-    if how == "flip":
-        for _ in range(draw(st.integers(1, 6))):
-            data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
-    elif how == "truncate":
-        del data[draw(st.integers(0, len(data) - 1)):]
-    elif how == "append":
-        data += draw(st.binary(max_size=32))
-    return bytes(data)
+    return bytes(damage(draw, bytearray(buf.getvalue()), how, max_flips=6, max_tail=32))
 
 
 # formats Pillow knows but the service must never open (EPS would run Ghostscript)

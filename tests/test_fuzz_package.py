@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import tiny_cnn, tiny_mlp
-from fuzz_support import join, split
+from fuzz_support import damage, join, split
 from grft_serve.engine import Engine
 from grft_serve.core.package import PackageError, load_package, package_bytes, read_header
 from grft_serve.core.rowop import ModuleDelta
@@ -256,19 +256,12 @@ def mutate_tensors(draw, data: bytes) -> bytes:
 
 
 def mutate_bytes(draw, data: bytes) -> bytes:
-    b = bytearray(data)
     op = draw(st.sampled_from(["flip", "truncate", "append", "header_byte", "prefix"]))
-    if op == "flip":
-        for _ in range(draw(st.integers(1, 8))):
-            b[draw(st.integers(0, len(b) - 1))] = draw(st.integers(0, 255))
-    elif op == "truncate":
-        del b[draw(st.integers(0, len(b) - 1)):]
-    elif op == "append":
-        b += draw(st.binary(min_size=1, max_size=64))
-    elif op == "header_byte":
+    b = damage(draw, bytearray(data), op, max_flips=8, max_tail=64)
+    if op == "header_byte":
         n = struct.unpack("<Q", data[:8])[0]
         b[draw(st.integers(8, 8 + n - 1))] = draw(st.sampled_from(b'{}[]",:0123456789-eE. \\\x00\xff'))
-    else:
+    elif op == "prefix":
         b[:8] = struct.pack("<Q", draw(st.integers(0, 1 << 64 - 1) | st.integers(0, 600)))
     return bytes(b)
 
