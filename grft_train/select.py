@@ -225,13 +225,15 @@ def subset_losses(backbone: Backbone, views: SCLViews, subsets: list[SampleSet],
 
 
 def accumulate_grads(backbone: Backbone, modules: list[tuple[str, nn.Module]], ds: SampleSet,
-                     cfg: SelectConfig, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
+                     cfg: SelectConfig, device: torch.device,
+                     views: SCLViews | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """SCL gradients w.r.t. the weights of ``modules`` accumulated over the batches of ``ds``
     (one full pass unless ``cfg.num_batches`` caps it), streamed: each batch's graph is freed by its
-    backward, so memory holds one batch's activations plus one gradient per weight.
+    backward, so memory holds one batch's activations plus one gradient per weight. ``views``
+    default to the run's preprocessing (:func:`~grft_train.common.task_preprocessing`).
 
     Weights are only marked ``requires_grad`` for the duration; they are never written."""
-    views = SCLViews(backbone, preprocessing=task_preprocessing(backbone, cfg))
+    views = views or SCLViews(backbone, preprocessing=task_preprocessing(backbone, cfg))
     weights = [m.weight for _, m in modules]
     for w in weights:
         w.grad = None
@@ -299,14 +301,14 @@ def scl_gradients(cfg: SelectConfig, backbone: Backbone, splits, device: torch.d
     t0 = time.time()
     modules = eligible_modules(backbone, cfg.include_patch_embed, cfg.include, cfg.exclude, cfg.mode)
     subsets = _subsets(splits.train, cfg.subsets, cfg.seed)
+    views = SCLViews(backbone, preprocessing=task_preprocessing(backbone, cfg))
     losses = None
     chosen = 0
     if len(subsets) > 1:
-        views = SCLViews(backbone, preprocessing=task_preprocessing(backbone, cfg))
         losses = subset_losses(backbone, views, subsets, cfg, device)
         chosen = int(np.argmin(losses))
         log.info("subset SCL losses %s -> subset %d", losses, chosen)
-    grads, ginfo = accumulate_grads(backbone, modules, subsets[chosen], cfg, device)
+    grads, ginfo = accumulate_grads(backbone, modules, subsets[chosen], cfg, device, views)
     unused = [n for n, g in grads.items() if not bool(g.abs().sum() > 0)]
     if len(unused) == len(grads):
         raise SelectionError("every SCL gradient is zero: the selection data gave no signal")
