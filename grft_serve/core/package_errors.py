@@ -5,8 +5,8 @@ from __future__ import annotations
 __all__ = [
     "PackageError", "NotSafetensorsError", "TruncatedPackageError", "PickleContentError", "UnsupportedFormatError",
     "MetadataError", "PreprocessingError", "EmptyPackageError", "UnknownModuleError", "ShapeMismatchError",
-    "InvalidIndicesError", "DtypeError", "NonFiniteError", "FingerprintMismatchError",
-    "PreprocessingMismatchError", "PackageTooLargeError",
+    "InvalidIndicesError", "DtypeError", "NonFiniteError", "ValueRangeError", "FingerprintMismatchError",
+    "PreprocessingMismatchError", "PreprocessingUnrunnableError", "PackageTooLargeError", "MetadataTooLargeError",
 ]
 
 
@@ -69,6 +69,10 @@ class NonFiniteError(PackageError):
     status, code = 422, "non_finite"
 
 
+class ValueRangeError(PackageError):
+    status, code = 422, "value_out_of_range"
+
+
 class FingerprintMismatchError(PackageError):
     status, code = 409, "base_fingerprint_mismatch"
 
@@ -77,5 +81,15 @@ class PreprocessingMismatchError(PackageError):
     status, code = 422, "preprocessing_mismatch"
 
 
+class PreprocessingUnrunnableError(PackageError):
+    """The base cannot run the task's preprocessing (a dry run failed, or it is over the pixel budget)."""
+
+    status, code = 422, "preprocessing_unrunnable"
+
+
 class PackageTooLargeError(PackageError):
     status, code = 413, "too_large"
+
+
+class MetadataTooLargeError(PackageError):
+    status, code = 413, "metadata_too_large"
