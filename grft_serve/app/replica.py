@@ -44,7 +44,7 @@ from .config import BackboneDeploymentConfig, Limits, make_store
 from .index import TaskIndex
 from .prepare import Chunk, Prepare, collate
 from .residency import ReplicaResidency
-from .runnable import RunnableCheck
+from .runnable import TEMP_PREFIX, RunnableCheck
 from .schemas import ApiError, error_item
 
 __all__ = ["BackboneServer", "Chunk", "collate"]
@@ -156,7 +156,7 @@ class BackboneServer:
         want = self.index.versions_for(self.engine.spec.fingerprint)
         removed = []
         for t in self.engine.tasks():
-            if t.task_id not in want:
+            if t.task_id not in want and not t.task_id.startswith(TEMP_PREFIX):
                 try:
                     self.engine.unregister(t.task_id)
                     removed.append(t.task_id)

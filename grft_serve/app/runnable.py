@@ -28,7 +28,9 @@ import torch
 from ..core.package import PreprocessingUnrunnableError, TaskPackage
 from .prepare import prep_key
 
-__all__ = ["RunnableCheck"]
+__all__ = ["TEMP_PREFIX", "RunnableCheck"]
+
+TEMP_PREFIX = "dry-run."  # ids of packages registered for a dry run (the replica's sync leaves them alone)
 
 log = logging.getLogger("grft_serve.app")
 
@@ -57,7 +59,7 @@ class RunnableCheck:
     def check_package(self, pkg: TaskPackage) -> None:
         """A validated package not registered here can run (dry run under a temporary id)."""
         def run(batch):
-            meta = pkg.meta.model_copy(update={"task_id": f"dry-run.{uuid.uuid4().hex}"})
+            meta = pkg.meta.model_copy(update={"task_id": f"{TEMP_PREFIX}{uuid.uuid4().hex}"})
             tmp = TaskPackage(meta, pkg.deltas, pkg.head_weight, pkg.head_bias)
             self.engine.register(tmp)
             try:
