@@ -6,7 +6,7 @@ __all__ = [
     "PackageError", "NotSafetensorsError", "TruncatedPackageError", "PickleContentError", "UnsupportedFormatError",
     "MetadataError", "PreprocessingError", "EmptyPackageError", "UnknownModuleError", "ShapeMismatchError",
     "InvalidIndicesError", "DtypeError", "NonFiniteError", "FingerprintMismatchError",
-    "PreprocessingMismatchError", "PackageTooLargeError",
+    "PreprocessingMismatchError", "PackageTooLargeError", "TaskKindMismatchError",
 ]
 
 
@@ -79,3 +79,9 @@ class PreprocessingMismatchError(PackageError):
 
 class PackageTooLargeError(PackageError):
     status, code = 413, "too_large"
+
+
+class TaskKindMismatchError(PackageError):
+    """A generation package sent to a classification backbone, or the reverse."""
+
+    status, code = 422, "task_kind_mismatch"

@@ -112,4 +112,4 @@ def _has_module(root: nn.Module, dotted: str) -> bool:
 def _create_hf(cfg: BackboneConfig) -> HFTextBackbone:
     if not cfg.path:
         raise BackboneError("backbone type 'hf' needs a local model path")
-    return HFTextBackbone(cfg.path, pooling=cfg.pooling, max_length=cfg.max_length)
+    return HFTextBackbone(cfg.path, pooling=cfg.pooling, max_length=cfg.max_length or 128)
