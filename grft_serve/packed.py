@@ -42,7 +42,8 @@ def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
 def structure_key(pkg, dtype: torch.dtype, row_group: dict[str, int]) -> tuple:
     """What determines a task's layout: per module (name, mode, k, has bias), head shape, dtype."""
     mods = tuple(sorted((n, d.mode, d.k, d.bias is not None, row_group.get(n, -1)) for n, d in pkg.deltas.items()))
-    return mods, tuple(pkg.head_weight.shape), dtype
+    head = None if pkg.head_weight is None else tuple(pkg.head_weight.shape)  # None: a generation task
+    return mods, head, dtype
 
 
 class Layout:
@@ -91,8 +92,10 @@ class Layout:
             add(f"g{gid}.rows", dtype, (total, group_n[gid]))
         if bias_len:
             add("bias.values", dtype, (bias_len,))
-        add("head.weight", dtype, head_shape)
-        add("head.bias", dtype, head_shape[:1])
+        self.has_head = head_shape is not None
+        if self.has_head:
+            add("head.weight", dtype, head_shape)
+            add("head.bias", dtype, head_shape[:1])
         self.nbytes = max(off, _ALIGN)
         self.shapes = {n: shapes[n] for n, *_ in mods}
         self._bias_idx_cpu = torch.cat(bias_pos) if bias_pos else None
@@ -146,8 +149,9 @@ class Packed:
             bv = v("bias.values")
             for name, s, n in layout.bias_modules:
                 bv[s:s + n].copy_(pkg.deltas[name].bias.to(dt))
-        v("head.weight").copy_(pkg.head_weight.to(dt))
-        v("head.bias").copy_(pkg.head_bias.to(dt))
+        if layout.has_head:
+            v("head.weight").copy_(pkg.head_weight.to(dt))
+            v("head.bias").copy_(pkg.head_bias.to(dt))
         return cls(buf, layout)
 
 
@@ -164,8 +168,8 @@ class Resident:
         self.gen = next(_GEN)  # identifies this upload (slot tables reload when it changes)
         self.row_groups = [(gid, lay.view(buf, f"g{gid}.idx"), lay.view(buf, f"g{gid}.rows")) for gid, _ in lay.groups]
         self.bias_patch = (lay.bias_index(device), lay.view(buf, "bias.values")) if lay.bias_modules else None
-        self.head_w = lay.view(buf, "head.weight")
-        self.head_b = lay.view(buf, "head.bias")
+        self.head_w = lay.view(buf, "head.weight") if lay.has_head else None
+        self.head_b = lay.view(buf, "head.bias") if lay.has_head else None
 
     @property
     def nbytes(self) -> int:

@@ -304,7 +304,8 @@ class SlotTables:
                 bd = tb.float() - base_b.float() if base_b is not None else tb
                 t.bias_delta.index_copy_(0, S, bd.to(t.dtype))
                 self.has_bias[i, slots] = True
-        self._load_heads(S, slots, lay.view_many(bufs, "head.weight"), lay.view_many(bufs, "head.bias"))
+        if lay.has_head:
+            self._load_heads(S, slots, lay.view_many(bufs, "head.weight"), lay.view_many(bufs, "head.bias"))
 
     def _load_heads(self, S: torch.Tensor, slots: list[int], w: torch.Tensor, b: torch.Tensor) -> None:
         """Heads ``w`` [G, C, D] / ``b`` [G, C] into ``slots`` (zero-padded to the most classes)."""

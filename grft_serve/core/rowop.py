@@ -183,9 +183,16 @@ class MixedPlan:
 
 def apply_mixed(module: nn.Module, x: torch.Tensor, y: torch.Tensor, p: MixedPlan) -> torch.Tensor:
     """Per-sample version of :func:`apply_delta` (no autograd; mutates ``y`` in place): gather each
-    sample's slot from the tables, one ``bmm`` (or one grouped conv), one ``scatter_``."""
+    sample's slot from the tables, one ``bmm`` (or one grouped conv), one ``scatter_``.
+
+    Packed token batches (a decode step's ``x [1, N, H]`` holding N tokens of many sequences) carry
+    one slot per TOKEN: with ``len(sample_slot) == N != x.shape[0]`` every token is its own sample."""
     is_conv = isinstance(module, nn.Conv2d)
     t, s = p.tables, p.sample_slot
+    if not is_conv and s.shape[0] != x.shape[0]:
+        n = s.shape[0]
+        apply_mixed(module, x.reshape(n, 1, x.shape[-1]), y.view(n, 1, y.shape[-1]), p)
+        return y
     B = x.shape[0]
     if p.bias:
         bd = t.bias_delta.index_select(0, s)
