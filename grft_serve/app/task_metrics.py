@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from contextvars import ContextVar
 
-from .. import metrics as M
+from . import metrics as M
 
 __all__ = ["PREDICT_ROUTES", "RequestMetrics", "configure", "note", "note_inputs", "labels"]
 

@@ -24,7 +24,7 @@ from typing import Iterator
 
 import torch
 
-from .core.rowop import COLUMN, ROW, ModuleDelta
+from ..core.rowop import COLUMN, ROW, ModuleDelta
 
 __all__ = ["Layout", "Packed", "Resident", "structure_key"]
 

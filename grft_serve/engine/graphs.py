@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .core.backbones import Backbone
+from ..core.backbones import Backbone
 
 __all__ = ["GraphRunner"]
 

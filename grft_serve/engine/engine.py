@@ -28,17 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core.backbones import Backbone
-from .core.spec import BaseSpec, fingerprint_modules, iter_patchable
-from .cache import TaskCache, UnknownTaskError
+from ..core.backbones import Backbone
+from ..core.spec import BaseSpec, fingerprint_modules, iter_patchable
+from .tiers import TaskCache, UnknownTaskError
 from .flat import FlatWeights
 from .graphs import GraphRunner
-from .core.package import DEFAULT_MAX_BYTES, PackageMeta, PreprocessingMismatchError, TaskPackage, load_package, \
+from ..core.package import DEFAULT_MAX_BYTES, PackageMeta, PreprocessingMismatchError, TaskPackage, load_package, \
     package_bytes, read_package_bytes
 from .packed import Layout, Packed, Resident, structure_key
-from .core.rowop import RowOpHooks
+from ..core.rowop import RowOpHooks
 from .slots import SlotTables
-from .store import TaskExistsError, TaskStore, content_version
+from ..store import TaskExistsError, TaskStore, content_version
 
 __all__ = ["BatchReport", "BatchResult", "Engine", "TaskExistsError", "TaskInfo", "UnknownTaskError"]
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .core.rowop import ROW, MixedPlan
+from ..core.rowop import ROW, MixedPlan
 
 __all__ = ["ModuleSlots", "SlotTables"]
 
