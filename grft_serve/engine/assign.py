@@ -10,7 +10,8 @@ batch or pinned the tables grow instead (the batch is served, over the cap).
 
 A task's slot is rewritten when its device upload changes (``Resident.gen``: replaced, or evicted
 from the device tier and uploaded again). :meth:`SlotAssigner.release` forgets a task's slot and
-clears it (unregistered or replaced).
+clears it (unregistered or replaced). A slot that is never written is exactly the base, so a "no
+task" slot (base-model rows in a mixed decode batch) is one that a pinned sentinel key holds.
 """
 from __future__ import annotations
 

@@ -54,7 +54,8 @@ Path_ = Literal["auto", "patch", "override"]
 
 @dataclass
 class TaskInfo:
-    """The engine's record of a registered task (what ``/v1/tasks`` lists for a replica)."""
+    """The engine's record of a registered task: the version served, its metadata and sizes (``nbytes``:
+    the packed host buffer)."""
 
     task_id: str
     version: str
@@ -62,12 +63,6 @@ class TaskInfo:
     num_params: int
     nbytes: int
     registered_at: float = field(default_factory=time.time)
-
-    def to_json(self) -> dict:
-        return {"task_id": self.task_id, "version": self.version, "labels": self.meta.labels,
-                "mode": self.meta.mode, "base_model_id": self.meta.base_model_id,
-                "num_params": self.num_params, "bytes": self.nbytes, "metrics": self.meta.metrics,
-                "preprocessing": self.meta.preprocessing, "registered_at": self.registered_at}
 
 
 @dataclass
@@ -271,7 +266,8 @@ class Engine:
                 "capacity": self.cache.capacity("device")}
 
     # -- forward --------------------------------------------------------------------------------
-    def forward(self, batch: Any, task_ids: Sequence[str], path: Path_ = "auto") -> tuple[list[torch.Tensor], list[str]]:
+    def forward(self, batch: Any, task_ids: Sequence[str],
+                path: Path_ = "auto") -> tuple[list[torch.Tensor], list[str]]:
         """Logits per sample (float32, CPU; each task has its own classes) and the task versions used.
 
         ``batch`` is a preprocessed batch (see :meth:`Backbone.preprocess`) of ``len(task_ids)``.

@@ -143,8 +143,7 @@ class GraphRunner:
                 self.captures += 1
             except Exception:  # noqa: BLE001 - a model that cannot be captured runs eagerly
                 self.failures += 1
-                self._eager_only.add(key)
-                self.hooks.active.clear()
+                self._eager_only.add(key)  # (the hooks are idle again: ``applied`` clears them)
                 return None
         self._graphs[key] = g
         return g

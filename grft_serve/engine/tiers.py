@@ -11,14 +11,15 @@ A task lives in up to three places:
 - **device**: the same buffer uploaded with ONE copy (or, when the engine runs on the CPU, the host
   buffer itself), capped at ``device_bytes``, LRU.
 
-Both tiers are one :class:`~grft_serve.engine.lru.LRU` each (by bytes). Eviction never removes a
+Each tier is one :class:`~grft_serve.engine.lru.LRU` (sized in bytes). Eviction never removes a
 task that is *pinned* or *in use* by a running batch (:meth:`TaskCache.use` holds its tasks on both
 tiers); when everything left is pinned or in use the tier runs over its cap rather than fail the
 batch, and says so in :meth:`TaskCache.stats` (``*_over_cap``).
 
-Counters are per tier: a *hit* finds the task on the tier, a *miss* loads it from the tier below, an
-*eviction* drops a task from the tier to make room. :meth:`use` returns the counts of that one call
-(:class:`Usage`), so a caller reports what a batch did without diffing global counters.
+Counters are per tier: a *hit* finds the task on the tier, a *miss* does not (the task is then
+loaded from the tier below), an *eviction* drops a task from the tier to make room. :meth:`use`
+returns the counts of that one call (:class:`Usage`), so a caller reports what a batch did without
+diffing global counters.
 """
 from __future__ import annotations
 
@@ -82,6 +83,7 @@ class TaskCache(Generic[H, D]):
         self._host: LRU[str, H] = LRU(host_bytes, getsizeof=_nbytes, on_evict=self._host_evicted, name="host",
                                       evictable=lambda t: self._entries[t].reload is not None)  # else: only copy
         self._dev: LRU[str, D] = LRU(device_bytes, getsizeof=_nbytes, on_evict=self._dev_evicted, name="device")
+        self._tiers = (self._dev, self._host)
         self._lock = threading.RLock()
 
     def _host_evicted(self, tid: str, _value: H) -> None:
@@ -107,7 +109,7 @@ class TaskCache(Generic[H, D]):
         with self._lock:
             if self._entries.pop(task_id, None) is None:
                 raise UnknownTaskError(f"unknown task {task_id!r}")
-            for tier in (self._host, self._dev):
+            for tier in self._tiers:
                 tier.pop(task_id)
                 tier.unpin(task_id)
 
@@ -135,16 +137,16 @@ class TaskCache(Generic[H, D]):
         """Keep ``task_id`` on the device tier for good (it is loaded now if it is not there)."""
         with self._lock:
             self._entry(task_id)
-            self._host.pin(task_id)
-            self._dev.pin(task_id)
+            for tier in self._tiers:  # pinned on the host too: a shared device value lives there
+                tier.pin(task_id)
             with self.use([task_id]) as (_, usage):
                 return usage
 
     def unpin(self, task_id: str) -> None:
         with self._lock:
             self._entry(task_id)
-            self._host.unpin(task_id)
-            self._dev.unpin(task_id)
+            for tier in self._tiers:
+                tier.unpin(task_id)
 
     # -- use ------------------------------------------------------------------------------------
     @contextmanager
@@ -154,16 +156,16 @@ class TaskCache(Generic[H, D]):
         usage = Usage()
         with self._lock:
             entries = [self._entry(t) for t in task_ids]
-            self._host.hold(task_ids)
-            self._dev.hold(task_ids)
+            for tier in self._tiers:
+                tier.hold(task_ids)
         try:
             with self._lock:
                 out = [self._ensure_device(t, e, usage) for t, e in zip(task_ids, entries)]
             yield out, usage
         finally:
             with self._lock:
-                self._host.release(task_ids)
-                self._dev.release(task_ids)
+                for tier in self._tiers:
+                    tier.release(task_ids)
 
     def _ensure_host(self, tid: str, e: _Entry, usage: Usage) -> H:
         host = self._host.get(tid)
@@ -255,7 +257,7 @@ class TaskCache(Generic[H, D]):
         with self._lock:
             out: dict[str, Any] = {"tasks": len(self._entries),
                                    "pinned": sum(self._dev.pinned(t) for t in self._entries)}
-            for t in (self._dev, self._host):
+            for t in self._tiers:
                 st = t.stats()
                 out.update({f"{t.name}_tasks": st["len"], f"{t.name}_bytes": st["size"]})
                 out.update({f"{t.name}_{k}": st[k] for k in ("capacity", "hits", "misses", "evictions", "over_cap")})
