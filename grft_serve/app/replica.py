@@ -34,7 +34,7 @@ from typing import Any
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
-from .. import metrics as M
+from . import metrics as M
 from ..core.package import PackageError
 from ..store import TaskNotFoundError, content_version
 from .config import BackboneDeploymentConfig, Limits, make_store

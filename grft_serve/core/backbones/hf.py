@@ -85,9 +85,6 @@ class HFTextBackbone(Backbone):
                              return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, truncation=False)["input_ids"])
-
     def forward(self, batch):
         mask = batch["attention_mask"]
         hidden = self.net(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state

@@ -12,7 +12,7 @@ A task is stored as ONE ``uint8`` buffer so that moving it between tiers is a si
 - ``head.weight`` / ``head.bias``.
 
 Everything else the serving paths need (``C − W[:, idx]``, the selected rows' bias, ``b_task − b_base``)
-is derived from these and the base when a task is written into a slot table (:mod:`grft_serve.slots`),
+is derived from these and the base when a task is written into a slot table (:mod:`grft_serve.engine.slots`),
 so the host tier holds about the package's own bytes. Tasks with the same modules, modes, k and
 dtypes share one :class:`Layout` object: per task the host tier keeps a buffer and a reference.
 """
@@ -24,9 +24,10 @@ from typing import Iterator
 
 import torch
 
-from .core.rowop import COLUMN, ROW, ModuleDelta
+from ..core.rowop import COLUMN, ROW
+from .flat import FlatWeights
 
-__all__ = ["Layout", "Packed", "Resident", "structure_key"]
+__all__ = ["Layout", "Packed", "Packer", "Resident", "structure_key"]
 
 _ALIGN = 64
 _GEN = itertools.count(1)
@@ -55,7 +56,7 @@ class Layout:
 
     def __init__(self, key: tuple, shapes: dict[str, tuple[int, ...]], bias_offset: dict[str, int]):
         mods, head_shape, dtype = key
-        self.key, self.dtype = key, dtype
+        self.dtype = dtype
         self.modes = {n: mode for n, mode, *_ in mods}
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
         self.row_slices: dict[str, tuple[int, int, int]] = {}  # module -> (group, first row, k)
@@ -97,7 +98,6 @@ class Layout:
             add("head.weight", dtype, head_shape)
             add("head.bias", dtype, head_shape[:1])
         self.nbytes = max(off, _ALIGN)
-        self.shapes = {n: shapes[n] for n, *_ in mods}
         self._bias_idx_cpu = torch.cat(bias_pos) if bias_pos else None
         self._bias_idx: dict[torch.device, torch.Tensor] = {}
 
@@ -155,10 +155,30 @@ class Packed:
         return cls(buf, layout)
 
 
+class Packer:
+    """Packs validated packages for one engine's base (its flat buffers fix row groups and bias
+    positions); one :class:`Layout` per task structure, shared by every task of that structure.
+    ``pin``: page-locked host buffers (for fast, asynchronous uploads to a CUDA device)."""
+
+    def __init__(self, flat: FlatWeights, pin: bool = False):
+        self.flat, self.pin = flat, pin
+        self._layouts: dict[tuple, Layout] = {}
+
+    def __call__(self, pkg) -> Packed:
+        flat = self.flat
+        key = structure_key(pkg, flat.dtype, flat.row_group)
+        layout = self._layouts.get(key)
+        if layout is None:
+            shapes = {n: tuple(flat.modules[n].weight.shape) for n in pkg.deltas}
+            layout = self._layouts[key] = Layout(key, shapes, flat.bias_offset)
+            layout.free_bias = [n for n, *_ in layout.bias_modules if n in flat.free_bias]
+        return Packed.pack(pkg, layout, flat.row_offset, pin=self.pin)
+
+
 class Resident:
     """A task on the engine's device: its buffer (one copy of the host buffer, or the host buffer
-    itself on CPU) and the few views the patch path and the heads use. Per-module views are made on
-    demand (:meth:`deltas`), so a resident task costs a handful of tensor objects."""
+    itself on CPU) and the few views the patch path and the heads use (column views are made on
+    demand, :meth:`columns`), so a resident task costs a handful of tensor objects."""
 
     def __init__(self, packed: Packed, device: torch.device):
         self.packed = packed if packed.buf.device == device else \
@@ -174,22 +194,6 @@ class Resident:
     @property
     def nbytes(self) -> int:
         return self.packed.nbytes
-
-    def deltas(self) -> Iterator[tuple[str, ModuleDelta]]:
-        """``(module, ModuleDelta)`` views for every module the task changes (``bias``: its new bias)."""
-        lay, buf = self.layout, self.packed.buf
-        rows = {gid: r for gid, _, r in self.row_groups}
-        biases = {n: (s, ln) for n, s, ln in lay.bias_modules}
-        bv = self.bias_patch[1] if self.bias_patch else None
-        for name, mode in lay.modes.items():
-            idx = lay.view(buf, f"{name}.indices")
-            if mode == ROW:
-                gid, start, k = lay.row_slices[name]
-                vals = rows[gid][start:start + k].view(k, *lay.shapes[name][1:])
-            else:
-                vals = lay.view(buf, f"{name}.values")
-            b = biases.get(name)
-            yield name, ModuleDelta(mode, idx, vals, None if b is None else bv[b[0]:b[0] + b[1]])
 
     def columns(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         """``(module, indices, new columns)`` of the column-patched modules."""
