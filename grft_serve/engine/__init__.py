@@ -42,23 +42,37 @@ Where weights are written
 The engine picks the path per batch and says which in its :class:`BatchReport`. One lock serialises
 patching and every forward, so no forward ever sees half-patched weights.
 
+Generation (a causal-LM base, ``kind: generation`` tasks)
+---------------------------------------------------------
+:class:`~grft_serve.engine.generate.TextGenerator` runs ONE decode loop over an engine whose backbone
+is a causal LM: :class:`~grft_serve.engine.continuous.ContinuousDecoder` (transformers' continuous
+batching, packed ``[1, N, H]`` batches, a task's rows applied per TOKEN through the same slot tables
+and row op) or :class:`~grft_serve.engine.padded.PaddedDecoder` (static batches, per sample). It
+writes no weight either: the patch path is never used while decoding. Slot keys are ``task@version``
+(:mod:`.decode_slots`), held while a sequence of the task is in flight; one reserved, never-written
+slot is the base model. Requests, sampling and stop rules: :mod:`.sequences`.
+
 Modules: :mod:`.engine` (orchestration: registration, residency, run), :mod:`.patch`,
 :mod:`.override`, :mod:`.plan` (per-batch plan), :mod:`.slots` (buffers), :mod:`.assign` (task → slot),
 :mod:`.tiers` (store / host / device), :mod:`.lru`, :mod:`.packed`, :mod:`.flat`, :mod:`.graphs`
-(CUDA graphs of both paths).
+(CUDA graphs of both paths); generation: :mod:`.generate`, :mod:`.continuous`, :mod:`.padded`,
+:mod:`.decode_slots`, :mod:`.sequences`.
 """
 from .assign import SlotAssigner
 from .engine import BatchReport, BatchResult, Engine, TaskExistsError, TaskInfo, UnknownTaskError
 from .flat import FlatWeights
+from .generate import DECODERS, GenerationInputError, TextGenerator
 from .graphs import GraphRunner
 from .lru import LRU
 from .override import OverridePath
 from .packed import Layout, Packed, Packer, Resident
 from .patch import PatchPath
 from .plan import BatchPlan
+from .sequences import GenerationRequest, SamplingParams, StreamEvent
 from .slots import SlotTables
 from .tiers import TaskCache, Usage
 
-__all__ = ["LRU", "BatchPlan", "BatchReport", "BatchResult", "Engine", "FlatWeights", "GraphRunner", "Layout",
-           "OverridePath", "Packed", "Packer", "PatchPath", "Resident", "SlotAssigner", "SlotTables", "TaskCache",
-           "TaskExistsError", "TaskInfo", "UnknownTaskError", "Usage"]
+__all__ = ["DECODERS", "LRU", "BatchPlan", "BatchReport", "BatchResult", "Engine", "FlatWeights",
+           "GenerationInputError", "GenerationRequest", "GraphRunner", "Layout", "OverridePath", "Packed", "Packer",
+           "PatchPath", "Resident", "SamplingParams", "SlotAssigner", "SlotTables", "StreamEvent", "TaskCache",
+           "TaskExistsError", "TaskInfo", "TextGenerator", "UnknownTaskError", "Usage"]

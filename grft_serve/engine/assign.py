@@ -24,6 +24,8 @@ from .slots import SlotTables
 
 __all__ = ["SlotAssigner"]
 
+_EMPTY = "\x00empty"  # not a valid task id: no task can take this key
+
 
 class SlotAssigner:
     """Task → slot of ``tables`` (LRU over ``max_slots`` slots, see the module docstring)."""
@@ -72,6 +74,25 @@ class SlotAssigner:
 
     def unpin(self, task_id: str) -> None:
         self.lru.unpin(task_id)
+
+    def hold(self, key: str) -> None:
+        """Protect ``key``'s slot (from when it gets one) until :meth:`release_hold`: a generation
+        task with sequences in flight (counted: one hold per call)."""
+        self.lru.hold([key])
+
+    def release_hold(self, key: str) -> None:
+        self.lru.release([key])
+
+    def reserve_empty(self) -> int:
+        """A slot that is never written nor given to a task: every table reads zero rows there, which
+        is exactly the base model (the tokens of base-model requests in a mixed decode batch)."""
+        s = self.lru.peek(_EMPTY)
+        if s is None:
+            s = self._free_slot([])
+            self.lru.put(_EMPTY, s)
+            self.lru.pin(_EMPTY)
+            self._gen[s] = -1
+        return s
 
     def slot_of(self, task_id: str) -> int | None:
         return self.lru.peek(task_id)

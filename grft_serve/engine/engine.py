@@ -134,6 +134,7 @@ class Engine:
         self.patch = PatchPath(backbone, self.flat, self.device, self.graphs)
         self.override = OverridePath(backbone, self.slots, self.assigner, self.hooks, self.device, self.graphs)
         self._lock = threading.RLock()
+        self.decoding = False  # set by a decode loop (engine.generate): no batch may patch weights then
         self._tasks: dict[str, TaskInfo] = {}
         self._pinned: set[str] = set()
         self.counters = {"batches": 0, "samples": 0, "patch_batches": 0, "override_batches": 0,
@@ -289,6 +290,9 @@ class Engine:
             raise ValueError(f"batch has {n} samples but {len(task_ids)} task ids")
         if path not in ("auto", "patch", "override"):
             raise ValueError(f"path must be 'auto', 'patch' or 'override', not {path!r}")
+        if self.decoding:
+            raise RuntimeError("a decode loop serves this engine: it runs no classification batches (and never "
+                               "patches weights under the decoder)")
         unique = list(dict.fromkeys(task_ids))
         if not unique:
             return [], [], BatchReport("patch", [], 0, seconds=time.perf_counter() - t0)
