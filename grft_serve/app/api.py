@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from .proxy import HeaderLimit
 from .schemas import ApiError
 from .task_metrics import RequestMetrics
 
@@ -72,3 +73,4 @@ async def _internal_error(_: Request, exc: Exception):
 
 
 api.add_middleware(RequestMetrics)
+api.add_middleware(HeaderLimit)  # limit: Limits.max_header_bytes, set by the ingress

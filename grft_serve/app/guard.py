@@ -6,7 +6,8 @@
 * **Bodies**: a declared ``Content-Length`` over the route's cap is refused with 413 at once; a
   chunked body is counted while it streams and cut at the cap; a body that does not arrive in
   ``body_idle_timeout_s`` (slow drip, or a length that is never sent) is answered 408. Nothing is
-  parsed until the whole body is in, and JSON is parsed off the event loop.
+  parsed until the whole body is in; a JSON body over its value budget is refused before it is parsed
+  (:mod:`.bodies`), and large JSON is parsed off the event loop.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any
 
 from fastapi import Request
 
+from .bodies import check_json_budget, header_int
 from .config import AppConfig
 from .schemas import ApiError
 
@@ -69,12 +71,9 @@ class Guard:
     # -- bodies -----------------------------------------------------------------------------------
     async def body(self, request: Request, cap: int, what: str = "request body") -> bytes:
         """The whole body, at most ``cap`` bytes, within the idle timeout (413 / 408 / 400 otherwise)."""
-        clen = request.headers.get("content-length")
-        if clen is not None:
-            if not clen.strip().isdigit():
-                raise ApiError(400, "bad_request", "Content-Length is not a number")
-            if int(clen) > cap:
-                raise ApiError(413, "too_large", f"{what} is {int(clen)} bytes; the limit is {cap}")
+        clen = header_int(request.headers.get("content-length"), "Content-Length")
+        if clen is not None and clen > cap:
+            raise ApiError(413, "too_large", f"{what} is {clen} bytes; the limit is {cap}")
         chunks, n = [], 0
         stream = request.stream().__aiter__()
         deadline = time.monotonic() + 6 * self.limits.body_idle_timeout_s
@@ -100,7 +99,12 @@ class Guard:
             raise ApiError(415, "unsupported_media_type",
                            f"Content-Type {ctype!r} is not accepted here; send application/json")
         data = await self.body(request, cap)
+        return await asyncio.to_thread(self.parse_json, data) if len(data) > 65536 else self.parse_json(data)
+
+    def parse_json(self, data: bytes, what: str = "request body") -> Any:
+        """JSON within the value budget (413 ``too_many_inputs`` before parsing), else 400 ``bad_json``."""
+        check_json_budget(data, self.limits.max_json_values, self.limits.max_inputs_per_request)
         try:
-            return await asyncio.to_thread(json.loads, data) if len(data) > 65536 else json.loads(data)
+            return json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            raise ApiError(400, "bad_json", "request body is not valid JSON") from None
+            raise ApiError(400, "bad_json", f"{what} is not valid JSON") from None

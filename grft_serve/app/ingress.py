@@ -27,9 +27,10 @@ from ..store import TaskExistsError, TaskNotFoundError
 from .api import api, pyd_error
 from .config import AppConfig, make_store
 from .guard import Guard
-from .index import StoredTask, TaskIndex
+from .index import StoredTask, TaskIndex, is_miss
 from .inputs import check_input
 from .oip import OipRoutes
+from .proxy import HeaderLimit
 from .residency import ResidencyView, StateDir
 from .schemas import (ERR, ERRORS_PREDICT, ERRORS_READ, ApiError, BatchPredictRequest, PredictRequest,
                       PredictResponse, TaskList, TaskOut)
@@ -40,6 +41,7 @@ __all__ = ["Ingress"]
 log = logging.getLogger("grft_serve.app")
 
 _MULTIPART_SLACK = 1 << 20
+LIST_LIMIT, MAX_LIST_LIMIT = 100, 1000  # GET /v1/tasks page size: default, largest
 _INLINE_CHECK_BYTES = 64 << 10  # smaller inputs are checked on the event loop (a thread hop costs more)
 _PREDICT_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": PredictRequest.model_json_schema()},
@@ -57,6 +59,7 @@ class Ingress(OipRoutes):
     def __init__(self, config: dict, backbones: dict):
         self.cfg = AppConfig(**config)
         self.limits = self.cfg.limits
+        HeaderLimit.default_limit = self.limits.max_header_bytes  # the ingress app's own header cap
         self.guard = Guard(self.cfg)
         self.handles = backbones  # name -> DeploymentHandle
         self.store = make_store(self.cfg.store)
@@ -90,9 +93,10 @@ class Ingress(OipRoutes):
                 "created": m.get("created"), **self.residency.of(e.task_id)}
 
     async def _entry(self, tid: str, force: bool = False) -> StoredTask:
-        cached = None if force else self.index.fresh()
-        e = cached.get(tid) if cached is not None and tid in cached else await asyncio.to_thread(
-            lambda: self.index.snapshot(force=True).get(tid) if force else self.index.get(tid))
+        """One task's store entry: the index's while fresh (no I/O), else ONE entry read off the loop."""
+        e = None if force else self.index.cached(tid)
+        if force or is_miss(e):
+            e = await asyncio.to_thread(self.index.refresh, tid)
         if e is None:
             raise ApiError(404, "unknown_task", f"unknown task {tid!r}")
         if e.broken:
@@ -216,8 +220,12 @@ class Ingress(OipRoutes):
                            f"package was trained on base {meta.base_model_id} with fingerprint "
                            f"{meta.base_fingerprint}; no backbone of this app has it (serving: {names})")
         tid = meta.task_id
-        if not replace and (await asyncio.to_thread(self.index.snapshot, True)).get(tid) is not None:
+        existing = await asyncio.to_thread(self.index.refresh, tid)
+        if not replace and existing is not None:
             raise ApiError(409, "task_exists", f"task {tid!r} is already registered; pass replace to overwrite")
+        if existing is None and await asyncio.to_thread(self.index.count) >= self.limits.max_tasks:
+            raise ApiError(409, "too_many_tasks", f"the store holds {self.limits.max_tasks} tasks, the limit; "
+                                                  "delete one first")
         res = await self.handles[bb].validate.remote(data)
         if not res["ok"]:
             raise ApiError(res["status"], res["code"], res["message"])
@@ -232,15 +240,23 @@ class Ingress(OipRoutes):
         log.info("registered task %s version %s on backbone %s", tid, version, bb)
         return await self._task_out(entry)
 
-    @api.get("/v1/tasks", response_model=TaskList, summary="List tasks", tags=["tasks"], responses=ERRORS_READ)
-    async def list_tasks(self, request: Request):
-        """Healthy tasks under `tasks`; stored packages that cannot be read under `broken`."""
+    @api.get("/v1/tasks", response_model=TaskList, summary="List tasks", tags=["tasks"],
+             responses={**ERRORS_READ, 422: ERR})
+    async def list_tasks(self, request: Request,
+                         limit: int = Query(LIST_LIMIT, ge=1, le=MAX_LIST_LIMIT, description="entries per page"),
+                         after: str | None = Query(None, max_length=200, description="the `next` of the page "
+                                                                                      "before: ids after it")):
+        """Tasks by id, a page at a time: healthy ones under `tasks`, stored packages that cannot be
+        read under `broken`; `next` is the cursor of the following page (`after=`), null on the last."""
         self.guard.reader(request)
-        entries = await asyncio.to_thread(self.index.snapshot, True)
-        ok = [await self._task_out(e) for _, e in sorted(entries.items()) if not e.broken]
-        broken = [{"task_id": t, "version": e.version, "reason": e.broken} for t, e in sorted(entries.items())
-                  if e.broken]
-        return JSONResponse({"tasks": [TaskOut(**t).model_dump() for t in ok], "broken": broken})
+        entries = await asyncio.to_thread(self.index.snapshot)
+        ids = sorted(t for t in entries if after is None or t > after)
+        page, more = ids[:limit], len(ids) > limit
+        ok = [await self._task_out(entries[t]) for t in page if not entries[t].broken]
+        broken = [{"task_id": t, "version": entries[t].version, "reason": entries[t].broken} for t in page
+                  if entries[t].broken]
+        return JSONResponse({"tasks": [TaskOut(**t).model_dump() for t in ok], "broken": broken,
+                             "next": page[-1] if more else None})
 
     @api.get("/v1/tasks/{task_id}", response_model=TaskOut, summary="One task's metadata", tags=["tasks"],
              responses={**ERRORS_READ, 404: ERR, 422: ERR})

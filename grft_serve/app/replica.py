@@ -5,7 +5,8 @@ tested without Ray Serve. One call = the inputs of ONE HTTP request for this bac
 
     predict({"items": [{"task", "version", "input"}, ...], "top_k": k})
       │ decode + preprocess in a thread pool (never under the engine lock; overlaps the forward
-      │ of the batch before), grouped by the tasks' preprocessing
+      │ of the batch before), grouped by the tasks' preprocessing, image by image, in slices that
+      │ interleave requests (:mod:`.prepare`); a cancelled call stops its decode
       ▼
     chunks of <= max_batch_size inputs ──► @serve.batch(batch_size_fn = inputs in the chunks)
       │ chunks of concurrent requests are merged up to max_batch_size INPUTS (not calls)
@@ -14,79 +15,41 @@ tested without Ray Serve. One call = the inputs of ONE HTTP request for this bac
 
 A request's chunks are answered in order and each answer names the task version that computed it.
 Isolation: an input that cannot be decoded fails only its own request (before batching); if a merged
-batch raises, each request in it is re-run alone so only the failing one gets the error.
+batch raises, each request in it is re-run alone so only the failing one gets the error; an input
+whose scores are not finite numbers fails its request with 422 ``non_finite_result``.
 
 Tasks are loaded lazily: an input for a (task, version) the engine does not hold loads that task from
-the store first. A slow background loop drops tasks that were deleted from the store.
+the store first (registered with the store, so a host tier capped by ``host_cache_bytes`` may drop it
+and reload it), and serves it only if the base can run its preprocessing (:mod:`.runnable`; else 422
+``broken_task``). A slow background loop drops tasks that were deleted from the store.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import math
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
 
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
+from ..core.package import PackageError, PreprocessingUnrunnableError
 from . import metrics as M
-from ..core.package import PackageError
 from ..store import TaskNotFoundError, content_version
 from .config import BackboneDeploymentConfig, Limits, make_store
 from .index import TaskIndex
-from .inputs import decode_image
+from .prepare import Chunk, Prepare, collate
 from .residency import ReplicaResidency
+from .runnable import TEMP_PREFIX, RunnableCheck
 from .schemas import ApiError, error_item
 
 __all__ = ["BackboneServer", "Chunk", "collate"]
 
 log = logging.getLogger("grft_serve.app")
-
-
-@dataclass
-class Chunk:
-    """Preprocessed inputs of one request that share a preprocessing (at most max_batch_size)."""
-
-    batch: Any
-    task_ids: list[str]
-    prep_key: str
-    top_k: int
-
-    def __len__(self) -> int:
-        return len(self.task_ids)
-
-    def split(self, size: int) -> list[tuple[slice, "Chunk"]]:
-        """Consecutive parts of at most ``size`` inputs, each with the slice of inputs it holds."""
-        if len(self) <= size:
-            return [(slice(0, len(self)), self)]
-        out = []
-        for i in range(0, len(self), size):
-            s = slice(i, min(i + size, len(self)))
-            batch = {k: v[s] for k, v in self.batch.items()} if isinstance(self.batch, dict) else self.batch[s]
-            out.append((s, Chunk(batch, self.task_ids[s], self.prep_key, self.top_k)))
-        return out
-
-
-def collate(batches: list[Any], pad_id: int = 0) -> Any:
-    """Concatenate preprocessed batches along dim 0; token batches are right-padded to one length."""
-    import torch
-
-    if len(batches) == 1:
-        return batches[0]
-    if isinstance(batches[0], dict):
-        length = max(b["input_ids"].shape[1] for b in batches)
-        out = {}
-        for key in batches[0]:
-            fill = pad_id if key == "input_ids" else 0
-            out[key] = torch.cat([torch.nn.functional.pad(b[key], (0, length - b[key].shape[1]), value=fill)
-                                  for b in batches])
-        return out
-    return torch.cat(batches)
 
 
 def _n_inputs(chunks: list[Chunk]) -> int:
@@ -126,7 +89,9 @@ class BackboneServer:
         backbone = load_backbone(self.spec.backbone)
         self.engine = Engine(backbone, device=device, dtype=getattr(torch, dtype),
                              device_cache_bytes=self.spec.device_cache_bytes,
+                             host_cache_bytes=self.spec.host_cache_bytes,
                              max_package_bytes=self.limits.max_package_bytes)
+        self.runnable = RunnableCheck(self.engine, self.spec.max_input_pixels)
         self.kind = backbone.kind
         tok = getattr(backbone, "tokenizer", None)
         self._pad_id = int(getattr(tok, "pad_token_id", 0) or 0)
@@ -138,6 +103,7 @@ class BackboneServer:
         self._pool = ThreadPoolExecutor(self.spec.decode_workers, thread_name_prefix=f"grft-decode-{self.name}")
         self._load_lock = threading.Lock()
         self._bad: set[tuple[str, str]] = set()  # (task, version) that failed validation here
+        self.decode_aborts = {"cancelled": 0}
         self._batched = self._batcher()
         self._stop = threading.Event()
         self._interval = sync_interval_s
@@ -163,11 +129,19 @@ class BackboneServer:
             if (tid, v) in self._bad:
                 raise ApiError(422, "broken_task", f"stored task {tid!r} (version {v}) failed validation")
             try:
-                self.engine.register(data, replace=True, version=v)
+                self.engine.register(data, replace=True, version=v, store=self.store)
             except PackageError as e:
                 self._bad.add((tid, v))
                 log.warning("backbone %s: stored task %r (version %s) failed validation: %s", self.name, tid, v, e)
                 raise ApiError(422, "broken_task", f"stored task {tid!r} failed validation: {e.message}") from None
+            try:
+                self.runnable.check_registered(tid)
+            except PreprocessingUnrunnableError as e:
+                self.engine.unregister(tid)
+                self._bad.add((tid, v))
+                log.warning("backbone %s: stored task %r (version %s) cannot run: %s", self.name, tid, v, e)
+                raise ApiError(422, "broken_task", f"stored task {tid!r} cannot be served: this base cannot run "
+                                                   "its preprocessing") from None
             M.set_gauge("grft_tasks_loaded", len(self.engine.tasks()), self.tags)
 
     def _holds(self, tid: str, version: str | None) -> bool:
@@ -182,7 +156,7 @@ class BackboneServer:
         want = self.index.versions_for(self.engine.spec.fingerprint)
         removed = []
         for t in self.engine.tasks():
-            if t.task_id not in want:
+            if t.task_id not in want and not t.task_id.startswith(TEMP_PREFIX):
                 try:
                     self.engine.unregister(t.task_id)
                     removed.append(t.task_id)
@@ -221,13 +195,15 @@ class BackboneServer:
     def stats(self) -> dict:
         return {"replica": self.replica, "engine": self.engine.stats(),
                 "tasks": {t.task_id: t.version for t in self.engine.tasks()}, "last_sync": self.last_sync,
-                "metrics": M.snapshot()}
+                "decode_aborts": dict(self.decode_aborts), "metrics": M.snapshot()}
 
     async def validate(self, data: bytes) -> dict:
-        """Fully validate a package against this base (nothing is registered)."""
+        """Fully validate a package against this base, including a dry run of its preprocessing
+        (:mod:`.runnable`); nothing stays registered."""
         def run():
             try:
                 pkg = self.engine.validate(data)
+                self.runnable.check_package(pkg)
             except PackageError as e:
                 return {"ok": False, "status": e.status, "code": e.code, "message": e.message}
             return {"ok": True, "num_params": pkg.num_params(), "meta": json.loads(pkg.meta.model_dump_json())}
@@ -239,11 +215,18 @@ class BackboneServer:
         ``{"error": {...}, "index": i}`` for the first input that could not be served."""
         t0 = time.perf_counter()
         items, top_k = request["items"], int(request.get("top_k", 5))
+        job = Prepare(self.engine, self.kind, self.limits, self.ensure_task, items, top_k)
         loop = asyncio.get_running_loop()
         try:
-            groups = await loop.run_in_executor(self._pool, self.prepare_inputs, items, top_k)
+            while not job.done:  # one slice at a time: other requests' slices queue in between
+                await loop.run_in_executor(self._pool, job.step)
+        except asyncio.CancelledError:  # the caller is gone (e.g. the HTTP client disconnected)
+            job.cancel.set()
+            self.decode_aborts["cancelled"] += 1
+            raise
         except ApiError as e:
             return {**e.item(), "index": e.extra.get("index")}
+        groups = job.groups
         chunks, order = [], []
         for idx, chunk in groups:
             for s, part in chunk.split(self.spec.max_batch_size):
@@ -254,43 +237,18 @@ class BackboneServer:
         for idx, res in zip(order, results):
             if "error" in res:
                 M.inc("grft_predict_errors", len(items), self.tags)
-                return {**res, "index": idx[0]}
+                return {"error": res["error"], "index": idx[res.get("at", 0)]}
             for i, answer in zip(idx, res["answers"]):
                 out[i] = answer
         M.observe("grft_request_in_replica_ms", (time.perf_counter() - t0) * 1e3, self.tags)
         return {"predictions": out}
 
     def prepare_inputs(self, items: list[dict], top_k: int) -> list[tuple[list[int], Chunk]]:
-        """Decode and preprocess one request's inputs, grouped by their tasks' preprocessing."""
-        for tid, version in dict.fromkeys((it["task"], it.get("version")) for it in items):
-            self.ensure_task(tid, version)
-        by_prep: dict[str, list[int]] = {}
-        preps: dict[str, dict] = {}
-        for i, it in enumerate(items):
-            try:
-                prep = self.engine.task(it["task"]).meta.preprocessing
-            except KeyError:
-                raise ApiError(404, "unknown_task", f"unknown task {it['task']!r}", index=i) from None
-            key = json.dumps(prep, sort_keys=True, default=str)
-            by_prep.setdefault(key, []).append(i)
-            preps[key] = prep
-        out = []
-        for key, idx in by_prep.items():
-            raws = []
-            for i in idx:
-                x = items[i]["input"]
-                try:
-                    raws.append(decode_image(x, self.limits, i) if self.kind == "image" else x)
-                except ApiError as e:
-                    e.extra["index"] = i
-                    raise
-            try:
-                batch = self.engine.backbone.preprocess(raws, preps[key])
-            except Exception as e:  # noqa: BLE001 - this request's inputs only
-                raise ApiError(422, "bad_input", f"cannot preprocess the inputs ({type(e).__name__})",
-                               index=idx[0]) from None
-            out.append((idx, Chunk(batch, [items[i]["task"] for i in idx], key, top_k)))
-        return out
+        """Decode and preprocess one request's inputs at once (see :class:`~.prepare.Prepare`)."""
+        job = Prepare(self.engine, self.kind, self.limits, self.ensure_task, items, top_k)
+        while not job.done:
+            job.step()
+        return job.groups
 
     def _batcher(self):
         """Inside Serve: ``@serve.batch`` counting INPUTS (``batch_size_fn``), so chunks of concurrent
@@ -316,16 +274,15 @@ class BackboneServer:
             by_prep.setdefault(c.prep_key, []).append(j)
         for js in by_prep.values():
             try:
-                answers = self._forward([chunks[j] for j in js])
-                for j, a in zip(js, answers):
-                    out[j] = {"answers": a}
+                for j, res in zip(js, self._forward([chunks[j] for j in js])):
+                    out[j] = res
             except Exception:  # noqa: BLE001 - find the request that breaks the batch; fail only it
                 if len(js) > 1:
                     log.warning("backbone %s: a batch of %d requests failed; re-running them one by one",
                                 self.name, len(js))
                 for j in js:
                     try:
-                        out[j] = {"answers": self._forward([chunks[j]])[0]}
+                        out[j] = self._forward([chunks[j]])[0]
                     except ApiError as e:
                         out[j] = e.item()
                     except Exception:  # noqa: BLE001
@@ -333,7 +290,9 @@ class BackboneServer:
                         out[j] = error_item(500, "internal", "the backbone failed on this request")
         return out  # type: ignore[return-value]
 
-    def _forward(self, chunks: list[Chunk]) -> list[list[dict]]:
+    def _forward(self, chunks: list[Chunk]) -> list[dict]:
+        """One forward for ``chunks``: per chunk ``{"answers": [...]}``, or an error item (with ``at``, the
+        input within the chunk) when an input's scores are not finite."""
         t0 = time.perf_counter()
         batch = collate([c.batch for c in chunks], self._pad_id)
         tids = [t for c in chunks for t in c.task_ids]
@@ -348,7 +307,13 @@ class BackboneServer:
         for c in chunks:
             part = res.answers[pos:pos + len(c)]
             pos += len(c)
-            out.append([{**a, "top_k": a["top_k"][:c.top_k], **extra} for a in part])
+            bad = next((k for k, a in enumerate(part) if not all(math.isfinite(t["score"]) for t in a["top_k"])), None)
+            if bad is not None:
+                err = error_item(422, "non_finite_result", f"task {part[bad]['task']!r} gives scores that are "
+                                                           "not finite numbers for this input")
+                out.append({**err, "at": bad})
+                continue
+            out.append({"answers": [{**a, "top_k": a["top_k"][:c.top_k], **extra} for a in part]})
         M.inc("grft_batches", 1, {**self.tags, "path": rep.path})
         M.observe("grft_batch_size", len(tids), self.tags)
         M.observe("grft_tasks_per_batch", n_tasks, self.tags)

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ApiError", "error_item", "ErrorBody", "ErrorResponse", "TaskOut", "TaskList", "TopK", "Prediction",
+__all__ = ["ApiError", "error_item", "ErrorBody", "ErrorResponse", "TaskOut", "BrokenTask", "TaskList", "TopK", "Prediction",
            "PredictResponse", "PredictRequest", "PredictItem", "BatchPredictRequest", "ERR", "ERRORS_READ",
            "ERRORS_PREDICT"]
 
@@ -74,8 +74,16 @@ class TaskOut(BaseModel):
                                                      "'replicas': {replica: tier}}")
 
 
+class BrokenTask(BaseModel):
+    task_id: str
+    version: str
+    reason: str = Field(description="why the stored package cannot be served")
+
+
 class TaskList(BaseModel):
     tasks: list[TaskOut]
+    broken: list[BrokenTask] = []
+    next: str | None = Field(None, description="cursor of the next page (pass it as `after`); null on the last")
 
 
 class TopK(BaseModel):
