@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install test test-fast demo bench bench-smoke bench-serve accuracy clean assets-data
+.PHONY: install lint test test-fast demo bench bench-smoke bench-serve accuracy clean assets-data
 
 install: $(STAMP)
 
@@ -35,7 +35,12 @@ assets-data:
 	  else echo "note: run 'apt-get install dataset-fashion-mnist' as root for the Fashion-MNIST demo"; fi; \
 	fi
 
-test: install
+# ruff (lint + import order, configured in pyproject.toml) over the paths kept clean so far
+LINT_PATHS ?= grft_serve/engine tests/test_lru.py
+lint: install
+	$(BIN)/python -m ruff check $(LINT_PATHS)
+
+test: install lint
 	$(BIN)/python -m pytest -q -ra --durations=15
 
 demo: install

@@ -14,7 +14,7 @@ in the same process, interleaved (the order rotates every repeat), after warm-up
 Every method includes one task-head matmul and the copy of the logits to the host.
 
 Diagnostics (time per batch, not throughput): ``override.plan`` (the per-batch work before the
-override forward: slot lookup, sample → slot index, per-module plans — ``Engine.prepare_mixed``) and
+override forward: slot lookup, sample → slot index, per-module plans — ``OverridePath.prepare``) and
 ``engine.heads`` (the override path's heads: one ``bmm`` from the slot tables), with their share of
 the ``override`` step;
 ``switch_ms`` (one whole-task patch + restore) and ``upload_ms`` (one cold device-tier load of a task:
@@ -178,7 +178,7 @@ def _bench_T(engine: Engine, b: Bench, raw, batch, feats, batch_size: int, k: in
     pos = [unique.index(t) for t in ids]
     with engine.cache.use(unique) as (res, _):  # held for the measurement: nothing of T is evicted
         head = res[0]
-        _, sample_slot, slot_t, _ = engine.prepare_mixed(unique, res, pos)
+        plan0 = engine.override.prepare(unique, res, pos)
 
         @torch.inference_mode()
         def base():
@@ -187,12 +187,12 @@ def _bench_T(engine: Engine, b: Bench, raw, batch, feats, batch_size: int, k: in
 
         @torch.inference_mode()
         def plan():  # what Engine.run does before the override forward
-            engine.prepare_mixed(unique, res, pos)
+            engine.override.prepare(unique, res, pos)
             _sync(device)
 
         @torch.inference_mode()
         def heads():  # the override path's heads (from the slot tables) on ready features
-            return engine.slots.heads(feats, slot_t, sample_slot)
+            return engine.slots.heads(feats, plan0.slot, plan0.sample_slot)
 
         fns = {"base": base,
                "patch": lambda: engine.forward(batch, ids, path="patch"),
@@ -232,7 +232,7 @@ def _switch_and_upload(engine: Engine, tid: str, args, device, common: dict, emi
     # -- one whole-task patch + restore --------------------------------------------------------
     with engine.cache.use([tid]) as ([r0], _):
         def switch():
-            with engine.patched(r0):
+            with engine.flat.patched(r0):
                 pass
 
         sw = measure({"switch": switch}, device, args.repeats, args.warmup, args.min_time,

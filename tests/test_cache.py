@@ -1,7 +1,7 @@
 """TaskCache: tiers, LRU order, caps, pins, in-use protection, lazy reloads, per-call usage."""
 import pytest
 
-from grft_serve.cache import TaskCache, UnknownTaskError
+from grft_serve.engine.tiers import TaskCache, UnknownTaskError
 
 
 class Blob:

@@ -261,7 +261,7 @@ def test_pinned_and_in_use_tasks_are_never_evicted(vit):
                 assert eng.residency()["t2"]["tier"] == eng.residency()["t3"]["tier"] == "device"
     finally:
         h.remove()
-    assert eng.residency()["t0"]["tier"] == "device" and eng.slots.slot_of("t0") is not None
+    assert eng.residency()["t0"]["tier"] == "device" and eng.residency()["t0"]["slot"] is not None
     assert eng.cache.evictions() > 0
     v0 = eng.task("t0").version
     eng.register(random_package(vit, "t0", k=2, seed=99), replace=True)  # still pinned, back on the device

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ast
 import graphlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,3 +78,15 @@ def test_core_does_not_import_the_server_or_training():
         if name.startswith("grft_serve.core"):
             bad = sorted(d for d in deps if not d.startswith("grft_serve.core") and d != "grft_serve")
             assert not bad, f"{name} imports {bad}"
+
+
+def test_engine_does_not_import_the_app_or_training():
+    """The engine is plain torch: no Ray, no app, no training code (it is tested without them)."""
+    for name, deps in import_graph().items():
+        if name.startswith("grft_serve.engine"):
+            bad = sorted(d for d in deps if d.startswith(("grft_serve.app", "grft_train", "bench")))
+            assert not bad, f"{name} imports {bad}"
+    code = "import sys, grft_serve.engine; print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.strip() == "[]", out.stdout

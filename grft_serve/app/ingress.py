@@ -21,7 +21,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import ValidationError
 
-from .. import metrics as M
+from . import metrics as M
 from ..core.package import PackageError, peek_meta
 from ..store import TaskExistsError, TaskNotFoundError
 from .api import api, pyd_error

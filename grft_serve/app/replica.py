@@ -37,8 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
-from .. import metrics as M
 from ..core.package import PackageError, PreprocessingUnrunnableError
+from . import metrics as M
 from ..store import TaskNotFoundError, content_version
 from .config import BackboneDeploymentConfig, Limits, make_store
 from .index import TaskIndex

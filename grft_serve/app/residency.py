@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .. import metrics as M
+from . import metrics as M
 from ..core.atomic import atomic_write
 from ..core.package import valid_task_id
 

@@ -8,14 +8,14 @@ predict route counts once for every task it named: ``grft_task_requests``, ``grf
 (status >= 400, wherever it failed: auth aside, after the task resolved), ``grft_task_inputs`` and
 ``grft_task_latency_ms`` (the whole request). Unknown task ids never become labels (they are not
 tasks); the first ``cap`` tasks get their own label and the rest are ``other``
-(:class:`~grft_serve.metrics.TaskLabels`), so the series stay bounded with any number of tasks.
+(:class:`~grft_serve.app.metrics.TaskLabels`), so the series stay bounded with any number of tasks.
 """
 from __future__ import annotations
 
 import time
 from contextvars import ContextVar
 
-from .. import metrics as M
+from . import metrics as M
 
 __all__ = ["PREDICT_ROUTES", "RequestMetrics", "configure", "note", "note_inputs", "labels"]
 

@@ -7,7 +7,9 @@ Tensors (safetensors, never pickle):
   ``[W.shape[0], k, *W.shape[2:]]`` (new columns);
 - ``<module>.bias``     optional, the module's full new bias ``[out]`` — also for a module whose base
   has no bias (the base bias is then 0);
-- ``head.weight`` ``[classes, feature_dim]`` and ``head.bias`` ``[classes]``.
+- ``head.weight`` ``[classes, feature_dim]`` and ``head.bias`` ``[classes]`` — classification
+  packages only: a ``kind: generation`` package has no head (its outputs are the base's own
+  ``lm_head`` over the patched body; see :mod:`grft_serve.core.generation`).
 
 ``__metadata__`` holds one key, ``grft``, whose value is the JSON of :class:`PackageMeta`.
 A task changes ``num_params = Σ_modules (|values| + |bias|)`` backbone parameters. A package with no
@@ -40,15 +42,17 @@ from .atomic import TMP_SUFFIX, atomic_write
 from .package_errors import (DtypeError, EmptyPackageError, FingerprintMismatchError, InvalidIndicesError,
                              MetadataError, MetadataTooLargeError, NonFiniteError, NotSafetensorsError, PackageError,
                              PackageTooLargeError, PickleContentError, PreprocessingError, PreprocessingMismatchError,
-                             PreprocessingUnrunnableError, ShapeMismatchError, TruncatedPackageError,
+                             PreprocessingUnrunnableError, ShapeMismatchError, TaskKindMismatchError, TruncatedPackageError,
                              UnknownModuleError, UnsupportedFormatError, ValueRangeError)
-from .package_header import (DEFAULT_MAX_BYTES, FORMAT_VERSION, INDEX_DTYPES, MAX_METADATA_CHARS, SUFFIX,
-                             TASK_ID_RE, VALUE_DTYPES, PackageHeader, PackageMeta, read_header, read_header_info, valid_task_id)
+from .package_header import (CLASSIFICATION, DEFAULT_MAX_BYTES, FORMAT_VERSION, GENERATION, INDEX_DTYPES,
+                             MAX_METADATA_CHARS, SUFFIX, TASK_ID_RE, TASK_KINDS, VALUE_DTYPES, PackageHeader, PackageMeta,
+                             read_header, read_header_info, valid_task_id)
 from .rowop import COLUMN, ROW, ModuleDelta
 from .spec import BaseSpec
 
 __all__ = [
-    "DEFAULT_MAX_BYTES", "FORMAT_VERSION", "MAX_ABS_VALUE", "MAX_METADATA_CHARS", "SUFFIX", "TASK_ID_RE", "PackageHeader", "PackageMeta", "TaskPackage",
+    "CLASSIFICATION", "DEFAULT_MAX_BYTES", "FORMAT_VERSION", "GENERATION", "MAX_ABS_VALUE", "MAX_METADATA_CHARS",
+    "SUFFIX", "TASK_ID_RE", "TASK_KINDS", "PackageHeader", "PackageMeta", "TaskPackage",
     "load_package", "package_bytes", "peek_meta", "read_header", "read_header_info", "read_package_bytes",
     "save_package", "valid_task_id",
     # re-exported: the header (package_header), the errors (package_errors) and the atomic write (atomic)
@@ -56,22 +60,28 @@ __all__ = [
     "MetadataError", "PreprocessingError", "EmptyPackageError", "UnknownModuleError", "ShapeMismatchError",
     "InvalidIndicesError", "DtypeError", "NonFiniteError", "ValueRangeError", "FingerprintMismatchError",
     "PreprocessingMismatchError", "PreprocessingUnrunnableError", "PackageTooLargeError", "MetadataTooLargeError",
-    "TMP_SUFFIX", "atomic_write",
+    "TaskKindMismatchError", "TMP_SUFFIX", "atomic_write",
 ]
 
 MAX_ABS_VALUE = float(torch.finfo(torch.float16).max)  # 65504: see the module docstring
 
 @dataclass
 class TaskPackage:
+    """A validated package. ``head_weight``/``head_bias`` are None for a generation package."""
+
     meta: PackageMeta
     deltas: dict[str, ModuleDelta]
-    head_weight: torch.Tensor
-    head_bias: torch.Tensor
+    head_weight: torch.Tensor | None
+    head_bias: torch.Tensor | None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def task_id(self) -> str:
         return self.meta.task_id
+
+    @property
+    def kind(self) -> str:
+        return self.meta.kind
 
     def num_params(self) -> int:
         """Backbone parameters this task changes (rows/columns and biases; head excluded)."""
@@ -87,12 +97,15 @@ class TaskPackage:
             out[f"{name}.values"] = d.values
             if d.bias is not None:
                 out[f"{name}.bias"] = d.bias
-        out["head.weight"] = self.head_weight
-        out["head.bias"] = self.head_bias
+        if self.head_weight is not None:
+            out["head.weight"] = self.head_weight
+            out["head.bias"] = self.head_bias
         return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
     def head(self) -> nn.Linear:
         """The task's classifier ``logits = W f + b`` as a frozen float32 ``nn.Linear`` (on the CPU)."""
+        if self.head_weight is None:
+            raise ValueError(f"task {self.task_id!r} is a {self.kind} package: it has no classifier head")
         out_f, in_f = self.head_weight.shape
         lin = nn.Linear(in_f, out_f)
         with torch.no_grad():
@@ -195,6 +208,27 @@ def _check_module(mod: str, g: dict[str, torch.Tensor], mode: str, base: BaseSpe
     return ModuleDelta(mode=mode, indices=idx, values=vals, bias=bias)
 
 
+def _check_head(tensors: dict[str, torch.Tensor], meta: PackageMeta, base: BaseSpec | None):
+    """Pop and check ``head.weight``/``head.bias``: required for classification, absent for generation."""
+    if meta.kind == GENERATION:
+        if "head.weight" in tensors or "head.bias" in tensors:
+            raise ShapeMismatchError("a generation package has no classifier head (found head tensors)")
+        return None, None
+    for name in ("head.weight", "head.bias"):
+        if name not in tensors:
+            raise ShapeMismatchError(f"package has no {name!r} tensor")
+    hw, hb = tensors.pop("head.weight"), tensors.pop("head.bias")
+    for name, t in (("head.weight", hw), ("head.bias", hb)):
+        _fail_dtype(name, t, VALUE_DTYPES)
+        _check_values(name, t)
+    n_cls = len(meta.labels)
+    if hw.dim() != 2 or hw.shape[0] != n_cls or hb.shape != (n_cls,):
+        raise ShapeMismatchError(f"head shapes {tuple(hw.shape)}/{tuple(hb.shape)} do not match {n_cls} labels")
+    if base is not None and hw.shape[1] != base.feature_dim:
+        raise ShapeMismatchError(f"head expects {hw.shape[1]} features; base {base.model_id} has {base.feature_dim}")
+    return hw, hb
+
+
 def load_package(source: str | os.PathLike | bytes, base: BaseSpec | None = None,
                  max_bytes: int = DEFAULT_MAX_BYTES, check_fingerprint: bool = True) -> TaskPackage:
     """Read and validate a task package. With ``base`` given, also check it against that base.
@@ -210,6 +244,10 @@ def load_package(source: str | os.PathLike | bytes, base: BaseSpec | None = None
             f"package was trained on base {meta.base_model_id} with fingerprint {meta.base_fingerprint}; "
             f"this base is {base.model_id} with fingerprint {base.fingerprint}")
 
+    if base is not None and meta.kind != base.task_kind:
+        raise TaskKindMismatchError(f"task {meta.task_id!r} is a {meta.kind} package; base {base.model_id} serves "
+                                    f"{base.task_kind} tasks")
+
     from safetensors.torch import load as st_load
 
     try:
@@ -217,18 +255,7 @@ def load_package(source: str | os.PathLike | bytes, base: BaseSpec | None = None
     except Exception:  # noqa: BLE001 - read_header checked the layout; anything left is a bad file
         raise NotSafetensorsError("not a readable safetensors file") from None
 
-    for name in ("head.weight", "head.bias"):
-        if name not in tensors:
-            raise ShapeMismatchError(f"package has no {name!r} tensor")
-    hw, hb = tensors.pop("head.weight"), tensors.pop("head.bias")
-    for name, t in (("head.weight", hw), ("head.bias", hb)):
-        _fail_dtype(name, t, VALUE_DTYPES)
-        _check_values(name, t)
-    n_cls = len(meta.labels)
-    if hw.dim() != 2 or hw.shape[0] != n_cls or hb.shape != (n_cls,):
-        raise ShapeMismatchError(f"head shapes {tuple(hw.shape)}/{tuple(hb.shape)} do not match {n_cls} labels")
-    if base is not None and hw.shape[1] != base.feature_dim:
-        raise ShapeMismatchError(f"head expects {hw.shape[1]} features; base {base.model_id} has {base.feature_dim}")
+    hw, hb = _check_head(tensors, meta, base)
 
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():
@@ -246,6 +273,8 @@ def load_package(source: str | os.PathLike | bytes, base: BaseSpec | None = None
         raise EmptyPackageError("every module entry of the package has zero rows/columns and no bias: it changes "
                                 "nothing (a head-only package has no module entries)")
 
+    if meta.kind == GENERATION and not deltas:
+        raise EmptyPackageError("a generation package with no module entries changes nothing (it is the base)")
     return TaskPackage(meta=meta, deltas=deltas, head_weight=hw, head_bias=hb)
 
 

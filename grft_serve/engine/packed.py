@@ -12,7 +12,7 @@ A task is stored as ONE ``uint8`` buffer so that moving it between tiers is a si
 - ``head.weight`` / ``head.bias``.
 
 Everything else the serving paths need (``C − W[:, idx]``, the selected rows' bias, ``b_task − b_base``)
-is derived from these and the base when a task is written into a slot table (:mod:`grft_serve.slots`),
+is derived from these and the base when a task is written into a slot table (:mod:`grft_serve.engine.slots`),
 so the host tier holds about the package's own bytes. Tasks with the same modules, modes, k and
 dtypes share one :class:`Layout` object: per task the host tier keeps a buffer and a reference.
 """
@@ -24,9 +24,10 @@ from typing import Iterator
 
 import torch
 
-from .core.rowop import COLUMN, ROW, ModuleDelta
+from ..core.rowop import COLUMN, ROW
+from .flat import FlatWeights
 
-__all__ = ["Layout", "Packed", "Resident", "structure_key"]
+__all__ = ["Layout", "Packed", "Packer", "Resident", "structure_key"]
 
 _ALIGN = 64
 _GEN = itertools.count(1)
@@ -42,7 +43,8 @@ def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
 def structure_key(pkg, dtype: torch.dtype, row_group: dict[str, int]) -> tuple:
     """What determines a task's layout: per module (name, mode, k, has bias), head shape, dtype."""
     mods = tuple(sorted((n, d.mode, d.k, d.bias is not None, row_group.get(n, -1)) for n, d in pkg.deltas.items()))
-    return mods, tuple(pkg.head_weight.shape), dtype
+    head = None if pkg.head_weight is None else tuple(pkg.head_weight.shape)  # None: a generation task
+    return mods, head, dtype
 
 
 class Layout:
@@ -54,7 +56,7 @@ class Layout:
 
     def __init__(self, key: tuple, shapes: dict[str, tuple[int, ...]], bias_offset: dict[str, int]):
         mods, head_shape, dtype = key
-        self.key, self.dtype = key, dtype
+        self.dtype = dtype
         self.modes = {n: mode for n, mode, *_ in mods}
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
         self.row_slices: dict[str, tuple[int, int, int]] = {}  # module -> (group, first row, k)
@@ -91,10 +93,11 @@ class Layout:
             add(f"g{gid}.rows", dtype, (total, group_n[gid]))
         if bias_len:
             add("bias.values", dtype, (bias_len,))
-        add("head.weight", dtype, head_shape)
-        add("head.bias", dtype, head_shape[:1])
+        self.has_head = head_shape is not None
+        if self.has_head:
+            add("head.weight", dtype, head_shape)
+            add("head.bias", dtype, head_shape[:1])
         self.nbytes = max(off, _ALIGN)
-        self.shapes = {n: shapes[n] for n, *_ in mods}
         self._bias_idx_cpu = torch.cat(bias_pos) if bias_pos else None
         self._bias_idx: dict[torch.device, torch.Tensor] = {}
 
@@ -146,15 +149,36 @@ class Packed:
             bv = v("bias.values")
             for name, s, n in layout.bias_modules:
                 bv[s:s + n].copy_(pkg.deltas[name].bias.to(dt))
-        v("head.weight").copy_(pkg.head_weight.to(dt))
-        v("head.bias").copy_(pkg.head_bias.to(dt))
+        if layout.has_head:
+            v("head.weight").copy_(pkg.head_weight.to(dt))
+            v("head.bias").copy_(pkg.head_bias.to(dt))
         return cls(buf, layout)
+
+
+class Packer:
+    """Packs validated packages for one engine's base (its flat buffers fix row groups and bias
+    positions); one :class:`Layout` per task structure, shared by every task of that structure.
+    ``pin``: page-locked host buffers (for fast, asynchronous uploads to a CUDA device)."""
+
+    def __init__(self, flat: FlatWeights, pin: bool = False):
+        self.flat, self.pin = flat, pin
+        self._layouts: dict[tuple, Layout] = {}
+
+    def __call__(self, pkg) -> Packed:
+        flat = self.flat
+        key = structure_key(pkg, flat.dtype, flat.row_group)
+        layout = self._layouts.get(key)
+        if layout is None:
+            shapes = {n: tuple(flat.modules[n].weight.shape) for n in pkg.deltas}
+            layout = self._layouts[key] = Layout(key, shapes, flat.bias_offset)
+            layout.free_bias = [n for n, *_ in layout.bias_modules if n in flat.free_bias]
+        return Packed.pack(pkg, layout, flat.row_offset, pin=self.pin)
 
 
 class Resident:
     """A task on the engine's device: its buffer (one copy of the host buffer, or the host buffer
-    itself on CPU) and the few views the patch path and the heads use. Per-module views are made on
-    demand (:meth:`deltas`), so a resident task costs a handful of tensor objects."""
+    itself on CPU) and the few views the patch path and the heads use (column views are made on
+    demand, :meth:`columns`), so a resident task costs a handful of tensor objects."""
 
     def __init__(self, packed: Packed, device: torch.device):
         self.packed = packed if packed.buf.device == device else \
@@ -164,28 +188,12 @@ class Resident:
         self.gen = next(_GEN)  # identifies this upload (slot tables reload when it changes)
         self.row_groups = [(gid, lay.view(buf, f"g{gid}.idx"), lay.view(buf, f"g{gid}.rows")) for gid, _ in lay.groups]
         self.bias_patch = (lay.bias_index(device), lay.view(buf, "bias.values")) if lay.bias_modules else None
-        self.head_w = lay.view(buf, "head.weight")
-        self.head_b = lay.view(buf, "head.bias")
+        self.head_w = lay.view(buf, "head.weight") if lay.has_head else None
+        self.head_b = lay.view(buf, "head.bias") if lay.has_head else None
 
     @property
     def nbytes(self) -> int:
         return self.packed.nbytes
-
-    def deltas(self) -> Iterator[tuple[str, ModuleDelta]]:
-        """``(module, ModuleDelta)`` views for every module the task changes (``bias``: its new bias)."""
-        lay, buf = self.layout, self.packed.buf
-        rows = {gid: r for gid, _, r in self.row_groups}
-        biases = {n: (s, ln) for n, s, ln in lay.bias_modules}
-        bv = self.bias_patch[1] if self.bias_patch else None
-        for name, mode in lay.modes.items():
-            idx = lay.view(buf, f"{name}.indices")
-            if mode == ROW:
-                gid, start, k = lay.row_slices[name]
-                vals = rows[gid][start:start + k].view(k, *lay.shapes[name][1:])
-            else:
-                vals = lay.view(buf, f"{name}.values")
-            b = biases.get(name)
-            yield name, ModuleDelta(mode, idx, vals, None if b is None else bv[b[0]:b[0] + b[1]])
 
     def columns(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         """``(module, indices, new columns)`` of the column-patched modules."""

@@ -9,27 +9,32 @@ buffers with one *slot* per task (the design of multi-LoRA servers' stacked adap
 - column mode: ``col_idx`` [S, Kc], ``col_delta`` [S, out, Kc, ...] = ``C − W[:, idx]``;
 - bias: ``bias_delta`` [S, out] = ``b_task − b_base`` (``b_task`` where the base has no bias).
 
-Writing a task into a slot happens once, when the task first joins a mixed batch (LRU over
-``max_slots`` slots; slots of the running batch and of pinned tasks are never reused). A batch then
-carries only the sample → slot index, and each module does gather + bmm + scatter
-(:func:`grft_serve.core.rowop.apply_mixed`) with no Python per task.
+Writing a task into a slot happens once, when the task first joins a mixed batch: which task gets
+which slot is the :class:`~grft_serve.engine.assign.SlotAssigner`'s business (LRU over ``max_slots``
+slots); this module only holds the buffers and writes / clears / grows them (the per-slot
+create / set / reset of vLLM's ``vllm/lora/layers/base_linear.py``). A batch then carries only the
+sample → slot index (:class:`~grft_serve.engine.plan.BatchPlan`), and each module does gather + bmm
++ scatter (:func:`grft_serve.core.rowop.apply_mixed`) with no Python per task.
+
+A slot nothing was written to (or :meth:`SlotTables.clear` ed) is exactly the base: its rows are
+invalid (the module's own output is written back), its column and bias deltas are zero.
 
 Different k per module: a slot with ``0 < k < K`` repeats its first row in the padding positions (the
 same value is written twice, exactly), a slot with no rows on a module is marked invalid there and
 writes back the module's own output; padding columns have a zero delta and add exactly nothing. Per
-batch, the engine slices every table to the largest k among the slots present and skips the mask and
-the bias add when no present slot needs them (host-side numpy over [modules, slots]).
+batch, :func:`~grft_serve.engine.plan.module_plans` slices every table to the largest k among the
+slots present and skips the mask and the bias add when no present slot needs them (host-side numpy
+over [modules, slots]: ``k_row``, ``k_col``, ``has_bias``).
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .core.rowop import ROW, MixedPlan
+from ..core.rowop import ROW
 
 __all__ = ["ModuleSlots", "SlotTables"]
 
@@ -149,16 +154,16 @@ def _pad_index(k: int, K: int, device: torch.device) -> torch.Tensor:
 
 
 class SlotTables:
-    """Slot buffers of every patchable module, the task → slot map (LRU) and per-batch planning.
+    """Slot buffers of every patchable module and the per-slot facts a batch plan reads.
 
     ``base_bias(name)`` returns the module's pretrained bias or None (the engine's unpatched view).
+    ``generation`` bumps whenever a buffer is reallocated (captured graphs keyed by it go stale).
     """
 
-    def __init__(self, modules: dict[str, nn.Module], base_bias, max_slots: int = 64, initial: int = 8):
+    def __init__(self, modules: dict[str, nn.Module], base_bias, capacity: int = 8):
         self.names = list(modules)
         self.index = {n: i for i, n in enumerate(self.names)}
-        self.max_slots = max(1, int(max_slots))
-        self.capacity = min(initial, self.max_slots)
+        self.capacity = max(1, int(capacity))
         self.tables = {n: ModuleSlots(m, self.capacity) for n, m in modules.items()}
         self._base_bias = base_bias
         M = len(self.names)
@@ -168,67 +173,10 @@ class SlotTables:
         self.head_w: torch.Tensor | None = None  # [S, C, D]: each slot's head, zero-padded to the most classes
         self.head_b: torch.Tensor | None = None  # [S, C]
         self.classes = np.zeros(self.capacity, dtype=np.int64)
-        self.owner: list[tuple[str, int] | None] = [None] * self.capacity  # (task id, upload gen)
-        self.lru: OrderedDict[str, int] = OrderedDict()  # task id -> slot
-        self.generation = 0  # bumps whenever a buffer is reallocated (captured graphs go stale)
-        self.loads = 0
-        self.evictions = 0
+        self.generation = 0
 
-    # -- assignment -----------------------------------------------------------------------------
-    def assign(self, task_ids: Sequence[str], residents: Sequence, protect: Iterable[str] = ()) -> tuple[list[int], int]:
-        """A slot for each (unique) task, writing the tasks not already there; returns (slots, loads).
-        Slots of ``task_ids`` and ``protect`` are not reused for this call."""
-        keep = set(task_ids) | set(protect)
-        out, new = [], []
-        for tid, r in zip(task_ids, residents):
-            s = self.lru.get(tid)
-            if s is not None and self.owner[s] == (tid, r.gen):
-                self.lru.move_to_end(tid)
-                out.append(s)
-                continue
-            if s is None:
-                s = self._free_slot(keep)
-            self.owner[s] = (tid, r.gen)  # reserved now, written below
-            self.lru[tid] = s
-            self.lru.move_to_end(tid)
-            new.append((s, r))
-            out.append(s)
-        by_layout: dict[int, list] = {}
-        for s, r in new:
-            by_layout.setdefault(id(r.layout), []).append((s, r))
-        for group in by_layout.values():
-            self._load([s for s, _ in group], [r for _, r in group])
-        self.loads += len(new)
-        return out, len(new)
-
-    @torch.inference_mode()  # the tables are inference tensors (built in the engine's forward)
-    def release(self, task_id: str) -> None:
-        """Forget ``task_id``'s slot (unregistered or replaced)."""
-        s = self.lru.pop(task_id, None)
-        if s is not None:
-            self._clear([s])
-            self.owner[s] = None
-
-    def slot_of(self, task_id: str) -> int | None:
-        return self.lru.get(task_id)
-
-    def _free_slot(self, keep: set) -> int:
-        for s, o in enumerate(self.owner):
-            if o is None:
-                return s
-        if self.capacity < self.max_slots:
-            self._grow(min(2 * self.capacity, self.max_slots))
-            return self._free_slot(keep)
-        for tid, s in self.lru.items():
-            if tid not in keep:  # its contents are cleared by the load that takes the slot
-                del self.lru[tid]
-                self.owner[s] = None
-                self.evictions += 1
-                return s
-        self._grow(2 * self.capacity)  # every slot is in this batch or pinned: more slots
-        return self._free_slot(keep)
-
-    def _grow(self, capacity: int) -> None:
+    def grow(self, capacity: int) -> None:
+        """More slots (existing slots keep their contents)."""
         pad = capacity - self.capacity
         for t in self.tables.values():
             t.grow(capacity)
@@ -239,11 +187,10 @@ class SlotTables:
         if self.head_w is not None:
             self.head_w = torch.cat([self.head_w, self.head_w.new_zeros((pad, *self.head_w.shape[1:]))])
             self.head_b = torch.cat([self.head_b, self.head_b.new_zeros((pad, *self.head_b.shape[1:]))])
-        self.owner += [None] * pad
         self.capacity = capacity
         self.generation += 1
 
-    def _clear(self, slots: list[int], writes: dict[int, tuple[bool, bool, bool]] | None = None) -> None:
+    def clear(self, slots: list[int], writes: dict[int, tuple[bool, bool, bool]] | None = None) -> None:
         """Forget what ``slots`` held, except the parts ``writes`` ({module index: (rows, cols, bias)})
         is about to overwrite anyway."""
         writes = writes or {}
@@ -262,7 +209,7 @@ class SlotTables:
         self.k_col[:, slots] = 0
         self.has_bias[:, slots] = False
 
-    def _load(self, slots: list[int], rs: list) -> None:
+    def write(self, slots: list[int], rs: list) -> None:
         """Write resident tasks ``rs`` (all of one layout) into ``slots`` of every module: a few ops
         per module for the whole group (the tasks' buffers are stacked once; every tensor of the
         layout is then one strided view over the group), none per task."""
@@ -275,7 +222,7 @@ class SlotTables:
         for name, mode in lay.modes.items():
             k = lay.entries[f"{name}.indices"][1][0]
             writes[self.index[name]] = (mode == ROW and k > 0, mode != ROW and k > 0, name in with_bias)
-        self._clear(slots, writes)
+        self.clear(slots, writes)
         rows = {gid: lay.view_many(bufs, f"g{gid}.rows") for gid, _ in lay.groups}
         bias_all = lay.view_many(bufs, "bias.values") if lay.bias_modules else None
         biases = {n: (st, ln) for n, st, ln in lay.bias_modules}
@@ -304,7 +251,8 @@ class SlotTables:
                 bd = tb.float() - base_b.float() if base_b is not None else tb
                 t.bias_delta.index_copy_(0, S, bd.to(t.dtype))
                 self.has_bias[i, slots] = True
-        self._load_heads(S, slots, lay.view_many(bufs, "head.weight"), lay.view_many(bufs, "head.bias"))
+        if lay.has_head:
+            self._load_heads(S, slots, lay.view_many(bufs, "head.weight"), lay.view_many(bufs, "head.bias"))
 
     def _load_heads(self, S: torch.Tensor, slots: list[int], w: torch.Tensor, b: torch.Tensor) -> None:
         """Heads ``w`` [G, C, D] / ``b`` [G, C] into ``slots`` (zero-padded to the most classes)."""
@@ -334,31 +282,6 @@ class SlotTables:
         flat = out.squeeze(1).float().cpu()
         return [flat[i, : self.classes[s]] for i, s in enumerate(slots)]
 
-    # -- per batch ------------------------------------------------------------------------------
-    def plan(self, slots: Sequence[int], sample_slot: torch.Tensor, static: bool = False) -> dict[str, MixedPlan]:
-        """Per-module :class:`MixedPlan` for a batch over ``slots`` (modules no present task touches
-        are left out, so their hooks stay idle). ``static``: use whole tables and always mask / add
-        the bias (one plan that is valid for any batch, for captured graphs)."""
-        present = np.asarray(slots)
-        kr = self.k_row[:, present].max(1)
-        kc = self.k_col[:, present].max(1)
-        hb = self.has_bias[:, present].any(1)
-        mask = (kr > 0) & (self.k_row[:, present] == 0).any(1)
-        plans = {}
-        for name, r, c, b, m in zip(self.names, kr.tolist(), kc.tolist(), hb.tolist(), mask.tolist()):
-            t = self.tables[name]
-            if static:
-                r = 0 if t.row_idx is None else t.row_idx.shape[1]
-                c = 0 if t.col_idx is None else t.col_idx.shape[1]
-                b, m = t.bias_delta is not None, r > 0
-            if r or c or b:
-                plans[name] = MixedPlan(t, sample_slot, r, c, m, b)
-        return plans
-
     def nbytes(self) -> int:
         heads = 0 if self.head_w is None else (self.head_w.numel() + self.head_b.numel()) * self.head_w.element_size()
         return heads + sum(t.nbytes() for t in self.tables.values())
-
-    def stats(self) -> dict:
-        return {"slots": self.capacity, "slots_used": len(self.lru), "max_slots": self.max_slots,
-                "slot_loads": self.loads, "slot_evictions": self.evictions, "slot_bytes": self.nbytes()}

@@ -6,11 +6,11 @@ launch cost that dominates small batches. Both paths fit that shape:
 - **patch**: the graph is the plain base forward. Patching writes the task's rows into the flat
   weight buffers *in place* before the replay and restores them after, so the same graph serves every
   task. Tasks that attach a bias to bias-free modules get their own graphs, keyed by those modules.
-- **override**: the graph is captured with *static* plans (:meth:`SlotTables.plan` with
-  ``static=True``: whole slot tables, mask and bias always applied — exact for any slot contents), and
-  the per-sample slot index is a static input. Writing a task into a slot changes no address; a
-  table reallocation bumps ``SlotTables.generation``, which is part of the key, so stale graphs are
-  never replayed.
+- **override**: the graph is captured with *static* plans (:func:`~grft_serve.engine.plan.module_plans`
+  with ``static=True``: whole slot tables, mask and bias always applied — exact for any slot
+  contents), and the per-sample slot index is a static input. Writing a task into a slot changes no
+  address; a table reallocation bumps ``SlotTables.generation``, which is part of the key, so stale
+  graphs are never replayed.
 
 Batches are padded to the next bucket by repeating their first sample (its outputs are dropped).
 Without CUDA (``capture=False``) the runner executes the same static-buffer code eagerly, which keeps
@@ -24,7 +24,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .core.backbones import Backbone
+from ..core.backbones import Backbone
+from ..core.rowop import RowOpHooks
+from .plan import applied, module_plans
+from .slots import SlotTables
 
 __all__ = ["GraphRunner"]
 
@@ -73,12 +76,14 @@ class _Graph:
 
 
 class GraphRunner:
-    """Captured forwards of ``engine.backbone`` (see the module docstring)."""
+    """Captured forwards of ``backbone`` on ``device`` (see the module docstring); the override graphs
+    read the slot ``tables`` through the row-op ``hooks``."""
 
-    def __init__(self, engine, buckets: Sequence[int] = BUCKETS, capture: bool | None = None):
-        self.engine = engine
+    def __init__(self, backbone: Callable[[Any], torch.Tensor], device: torch.device, tables: SlotTables,
+                 hooks: RowOpHooks, buckets: Sequence[int] = BUCKETS, capture: bool | None = None):
+        self.backbone, self.device, self.tables, self.hooks = backbone, torch.device(device), tables, hooks
         self.buckets = sorted(buckets)
-        self.capture = engine.device.type == "cuda" if capture is None else capture
+        self.capture = self.device.type == "cuda" if capture is None else capture
         self._graphs: dict[tuple, _Graph] = {}
         self._eager_only: set[tuple] = set()
         self.captures = 0
@@ -93,7 +98,7 @@ class GraphRunner:
         size = self.bucket(n)
         if size is None:
             return None
-        gen = self.engine.slots.generation if path == "override" else 0
+        gen = self.tables.generation if path == "override" else 0
         key = (path, size, _signature(batch), tuple(free_bias), gen)
         if key in self._eager_only:
             return None
@@ -109,32 +114,28 @@ class GraphRunner:
         return g.replay()[:n].clone()  # the static output is overwritten by the next replay
 
     def _make(self, key: tuple, batch: Any, path: str) -> _Graph | None:
-        eng = self.engine
+        dev = self.device
         if path == "override":
             for k in [k for k in self._graphs if k[0] == "override" and k[4] != key[4]]:
                 del self._graphs[k]  # stale: the slot tables were reallocated
-        inputs = Backbone.batch_select(batch, torch.arange(Backbone.batch_len(batch), device=eng.device))  # own copy
-        sample_slot = torch.zeros(key[1], dtype=torch.long, device=eng.device) if path == "override" else None
+        inputs = Backbone.batch_select(batch, torch.arange(Backbone.batch_len(batch), device=dev))  # own copy
+        sample_slot = torch.zeros(key[1], dtype=torch.long, device=dev) if path == "override" else None
 
         def run() -> torch.Tensor:
             if sample_slot is None:
-                return eng.backbone(inputs)
-            plans = eng.slots.plan(range(eng.slots.capacity), sample_slot, static=True)
-            try:
-                eng.hooks.active.update(plans)
-                return eng.backbone(inputs)
-            finally:
-                eng.hooks.active.clear()
+                return self.backbone(inputs)
+            with applied(self.hooks, module_plans(self.tables, range(self.tables.capacity), sample_slot, static=True)):
+                return self.backbone(inputs)
 
         g = _Graph(inputs, sample_slot, run)
         if self.capture:
             try:
-                s = torch.cuda.Stream(eng.device)
-                s.wait_stream(torch.cuda.current_stream(eng.device))
+                s = torch.cuda.Stream(dev)
+                s.wait_stream(torch.cuda.current_stream(dev))
                 with torch.cuda.stream(s):
                     for _ in range(2):
                         run()
-                torch.cuda.current_stream(eng.device).wait_stream(s)
+                torch.cuda.current_stream(dev).wait_stream(s)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):  # a private pool: graphs replay in any order
                     g.out = run()
@@ -142,8 +143,7 @@ class GraphRunner:
                 self.captures += 1
             except Exception:  # noqa: BLE001 - a model that cannot be captured runs eagerly
                 self.failures += 1
-                self._eager_only.add(key)
-                eng.hooks.active.clear()
+                self._eager_only.add(key)  # (the hooks are idle again: ``applied`` clears them)
                 return None
         self._graphs[key] = g
         return g

@@ -1,19 +1,17 @@
-"""The serving engine: ONE frozen base on one device, any number of GRFT tasks.
+"""The serving engine: ONE frozen base on one device, any number of GRFT tasks (orchestration).
 
-Two ways to run a batch (both bit-exact with respect to the base; see ``tests/test_engine.py``):
+The engine registers tasks (validate, pack into the host tier), keeps them resident
+(:class:`~grft_serve.engine.tiers.TaskCache`: store → host → device, one LRU each) and runs batches
+through one of two paths, picked per batch and reported (:class:`BatchReport`):
 
-- **patch** (one task in the batch): the task's rows are written into the base weights with
-  ``index_copy_`` and the pretrained rows restored in a ``finally`` (:mod:`grft_serve.flat`: all
-  patchable weights and biases are views into a few flat buffers, so a whole-task patch or restore is
-  a handful of ``index_copy_`` calls, and biases given to bias-free modules are attached only while
-  their task is patched in).
-- **override** (several tasks in the batch): no weight is touched; forward hooks correct each
-  patchable layer's output per sample from per-module slot tables (:mod:`grft_serve.slots`,
-  :func:`grft_serve.core.rowop.apply_mixed`): the batch carries a sample → slot index, nothing else.
+- **patch** (:class:`~grft_serve.engine.patch.PatchPath`, one task in the batch): the task's rows are
+  written into the base weights and restored in a ``finally``;
+- **override** (:class:`~grft_serve.engine.override.OverridePath`, several tasks): no weight is
+  touched; per-sample rows come from the slot tables through forward hooks.
 
-Task tiers (store → host → device) are one :class:`~grft_serve.cache.TaskCache`; each batch reports
-what it did (:class:`BatchReport`). One lock guards weight mutation and the forward, so the override
-path never sees half-patched weights.
+Both are bit-exact with respect to the base (see ``tests/test_engine.py``). One lock guards weight
+mutation and the forward, so the override path never sees half-patched weights. The map of the
+package (a task's forms, where weights are written) is :mod:`grft_serve.engine`'s docstring.
 """
 from __future__ import annotations
 
@@ -25,20 +23,29 @@ from dataclasses import replace as _replace
 from typing import Any, Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .core.backbones import Backbone
-from .core.spec import BaseSpec, fingerprint_modules, iter_patchable
-from .cache import TaskCache, UnknownTaskError
+from ..core.backbones import Backbone
+from ..core.package import (
+    DEFAULT_MAX_BYTES,
+    PackageMeta,
+    PreprocessingMismatchError,
+    TaskPackage,
+    load_package,
+    package_bytes,
+    read_package_bytes,
+)
+from ..core.rowop import RowOpHooks
+from ..core.spec import BaseSpec, fingerprint_modules, iter_patchable
+from ..store import TaskExistsError, TaskStore, content_version
+from .assign import SlotAssigner
 from .flat import FlatWeights
 from .graphs import GraphRunner
-from .core.package import DEFAULT_MAX_BYTES, PackageMeta, PreprocessingMismatchError, TaskPackage, load_package, \
-    package_bytes, read_package_bytes
-from .packed import Layout, Packed, Resident, structure_key
-from .core.rowop import RowOpHooks
+from .override import OverridePath
+from .packed import Packed, Packer, Resident
+from .patch import PatchPath
 from .slots import SlotTables
-from .store import TaskExistsError, TaskStore, content_version
+from .tiers import TaskCache, UnknownTaskError
 
 __all__ = ["BatchReport", "BatchResult", "Engine", "TaskExistsError", "TaskInfo", "UnknownTaskError"]
 
@@ -47,6 +54,9 @@ Path_ = Literal["auto", "patch", "override"]
 
 @dataclass
 class TaskInfo:
+    """The engine's record of a registered task: the version served, its metadata and sizes (``nbytes``:
+    the packed host buffer)."""
+
     task_id: str
     version: str
     meta: PackageMeta
@@ -54,19 +64,13 @@ class TaskInfo:
     nbytes: int
     registered_at: float = field(default_factory=time.time)
 
-    def to_json(self) -> dict:
-        return {"task_id": self.task_id, "version": self.version, "labels": self.meta.labels,
-                "mode": self.meta.mode, "base_model_id": self.meta.base_model_id,
-                "num_params": self.num_params, "bytes": self.nbytes, "metrics": self.meta.metrics,
-                "preprocessing": self.meta.preprocessing, "registered_at": self.registered_at}
-
 
 @dataclass
 class BatchReport:
-    """What the engine did for one batch. ``cache_hits``: tasks found on the device tier;
-    ``cache_misses``: tasks loaded onto it; ``store_loads``: of those, tasks first reloaded from the
-    store; ``cache_evictions``: tasks dropped from a tier to make room; ``slot_loads``: tasks written
-    into the slot tables (override path)."""
+    """What the engine did for one batch. ``path``: "patch" or "override"; ``cache_hits``: tasks
+    found on the device tier; ``cache_misses``: tasks loaded onto it; ``store_loads``: of those, tasks
+    first reloaded from the store; ``cache_evictions``: tasks dropped from a tier to make room;
+    ``slot_loads``: tasks written into the slot tables (override path)."""
 
     path: str
     tasks: list[str]
@@ -88,11 +92,16 @@ class BatchResult:
 class Engine:
     """Serve many GRFT tasks from one frozen ``backbone``.
 
+    The engine takes the backbone over: it casts it to the serving ``dtype`` on ``device``, puts it
+    in eval mode with gradients off, and re-homes every patchable weight (and bias) as a view into a
+    few flat buffers (:class:`~grft_serve.engine.flat.FlatWeights`), which the patch path writes
+    into. Do not use ``backbone`` elsewhere while an engine serves it.
+
     ``device_cache_bytes`` caps the task bytes on the device (LRU); ``host_cache_bytes`` caps the
     host tier (None: unbounded; only tasks registered from a store can leave it); ``max_slots`` is
     the number of tasks the mixed path keeps in its slot tables (default 256 on CUDA, 64 on CPU);
     ``max_package_bytes`` caps accepted packages; ``dtype`` is the serving dtype; ``graphs`` replays
-    captured CUDA graphs per (path, batch-size bucket) (:mod:`grft_serve.graphs`).
+    captured CUDA graphs per (path, batch-size bucket) (:mod:`grft_serve.engine.graphs`).
     """
 
     def __init__(self, backbone: Backbone, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -110,19 +119,22 @@ class Engine:
         self.modules: dict[str, nn.Module] = dict(mods)
         self.flat = FlatWeights(self.modules, self.dtype, self.device)
         self.hooks = RowOpHooks(self.modules)
-        self._pin_host = self.device.type == "cuda"
+        self.packer = Packer(self.flat, pin=self.device.type == "cuda")
         # on CPU the device copy would duplicate the host copy: the device tier shares it, unless
         # ``device_tier=True`` asks for a separate copy (tests exercise eviction that way)
         copy = self.device.type != "cpu" if device_tier is None else device_tier
         self.cache: TaskCache[Packed, Resident] = TaskCache(
             self._upload if copy else self._materialise, host_bytes=host_cache_bytes,
             device_bytes=int(device_cache_bytes), shared=not copy)
-        self.slots = SlotTables(self.modules, self.flat.base_bias,
-                                max_slots or (256 if self.device.type == "cuda" else 64))
-        self._layouts: dict[tuple, Layout] = {}
+        max_slots = max_slots or (256 if self.device.type == "cuda" else 64)
+        self.slots = SlotTables(self.modules, self.flat.base_bias, capacity=min(8, max_slots))
+        self.assigner = SlotAssigner(self.slots, max_slots)
         # CUDA graphs per (path, batch bucket, input shape); on CPU the same static-buffer code runs eagerly
-        self.graphs = GraphRunner(self) if graphs else None
+        self.graphs = GraphRunner(backbone, self.device, self.slots, self.hooks) if graphs else None
+        self.patch = PatchPath(backbone, self.flat, self.device, self.graphs)
+        self.override = OverridePath(backbone, self.slots, self.assigner, self.hooks, self.device, self.graphs)
         self._lock = threading.RLock()
+        self.decoding = False  # set by a decode loop (engine.generate): no batch may patch weights then
         self._tasks: dict[str, TaskInfo] = {}
         self._pinned: set[str] = set()
         self.counters = {"batches": 0, "samples": 0, "patch_batches": 0, "override_batches": 0,
@@ -144,10 +156,10 @@ class Engine:
         with self._lock:  # packing reads nothing patched, but replacing must not race a batch
             if pkg.task_id in self._tasks and not replace:
                 raise TaskExistsError(f"task {pkg.task_id!r} is already registered; pass replace to overwrite")
-            packed = self._pack(pkg)
+            packed = self.packer(pkg)
             info = TaskInfo(pkg.task_id, version, pkg.meta, pkg.num_params(), packed.nbytes)
             reload = None if store is None else self._reloader(store, pkg.task_id)
-            self.slots.release(pkg.task_id)
+            self.assigner.release(pkg.task_id)
             self.cache.add(pkg.task_id, version, packed, reload)
             self._tasks[pkg.task_id] = info
             if pkg.task_id in self._pinned:  # a pinned task stays on the device across a replace
@@ -168,7 +180,8 @@ class Engine:
             if task_id not in self._tasks:
                 raise UnknownTaskError(f"unknown task {task_id!r}")
             self.cache.remove(task_id)
-            self.slots.release(task_id)
+            self.assigner.release(task_id)
+            self.assigner.unpin(task_id)
             self._pinned.discard(task_id)
             del self._tasks[task_id]
 
@@ -218,17 +231,8 @@ class Engine:
             if info is not None and info.version != v:  # changed at rest since registration: say so
                 self._tasks[task_id] = _replace(info, version=v, meta=pkg.meta, num_params=pkg.num_params())
                 self.cache.set_version(task_id, v)
-            return self._pack(pkg)
+            return self.packer(pkg)
         return reload
-
-    def _pack(self, pkg: TaskPackage) -> Packed:
-        key = structure_key(pkg, self.dtype, self.flat.row_group)
-        layout = self._layouts.get(key)
-        if layout is None:
-            shapes = {n: tuple(self.modules[n].weight.shape) for n in pkg.deltas}
-            layout = self._layouts[key] = Layout(key, shapes, self.flat.bias_offset)
-            layout.free_bias = [n for n, *_ in layout.bias_modules if n in self.flat.free_bias]
-        return Packed.pack(pkg, layout, self.flat.row_offset, pin=self._pin_host)
 
     def _upload(self, task_id: str, packed: Packed) -> Resident:
         return Resident(packed, self.device)  # ONE host-to-device copy
@@ -241,11 +245,13 @@ class Engine:
         """Keep ``task_id`` on the device (loaded now) and in the slot tables once it gets a slot."""
         with self._lock:
             self.cache.pin(task_id)
+            self.assigner.pin(task_id)
             self._pinned.add(task_id)
 
     def unpin(self, task_id: str) -> None:
         with self._lock:
             self.cache.unpin(task_id)
+            self.assigner.unpin(task_id)
             self._pinned.discard(task_id)
 
     def residency(self) -> dict[str, dict]:
@@ -253,20 +259,16 @@ class Engine:
         wait for a running batch)."""
         out = self.cache.residency()
         for tid, r in out.items():
-            r["slot"] = self.slots.slot_of(tid)
+            r["slot"] = self.assigner.slot_of(tid)
         return out
 
     def device_cache(self) -> dict:
         return {"tasks": self.cache.device_ids(), "bytes": self.cache.nbytes("device"),
                 "capacity": self.cache.capacity("device")}
 
-    # -- patch path -----------------------------------------------------------------------------
-    def patched(self, r: Resident):
-        """Context manager: ``r``'s rows/columns/biases written into the base, restored on exit."""
-        return self.flat.patched(r)
-
     # -- forward --------------------------------------------------------------------------------
-    def forward(self, batch: Any, task_ids: Sequence[str], path: Path_ = "auto") -> tuple[list[torch.Tensor], list[str]]:
+    def forward(self, batch: Any, task_ids: Sequence[str],
+                path: Path_ = "auto") -> tuple[list[torch.Tensor], list[str]]:
         """Logits per sample (float32, CPU; each task has its own classes) and the task versions used.
 
         ``batch`` is a preprocessed batch (see :meth:`Backbone.preprocess`) of ``len(task_ids)``.
@@ -288,41 +290,20 @@ class Engine:
             raise ValueError(f"batch has {n} samples but {len(task_ids)} task ids")
         if path not in ("auto", "patch", "override"):
             raise ValueError(f"path must be 'auto', 'patch' or 'override', not {path!r}")
+        if self.decoding:
+            raise RuntimeError("a decode loop serves this engine: it runs no classification batches (and never "
+                               "patches weights under the decoder)")
         unique = list(dict.fromkeys(task_ids))
         if not unique:
             return [], [], BatchReport("patch", [], 0, seconds=time.perf_counter() - t0)
         pos = {t: i for i, t in enumerate(unique)}
         use_patch = path == "patch" or (path == "auto" and len(unique) == 1)
-        report = BatchReport("patch" if use_patch else "override", unique, n)
+        runner = self.patch if use_patch else self.override
+        report = BatchReport(runner.name, unique, n)
         with self._lock, self.cache.use(unique) as (res, usage):
             versions = [self.cache.version(t) for t in task_ids]
             batch = Backbone.batch_to(batch, self.device, self.dtype)
-            if use_patch:
-                # per-task sample lists are built on the host: no device syncs for the routing
-                groups: list[list[int]] = [[] for _ in unique]
-                for i, t in enumerate(task_ids):
-                    groups[pos[t]].append(i)
-                sel = [torch.tensor(g, device=self.device) for g in groups] if len(unique) > 1 else None
-                parts = []
-                for i, r in enumerate(res):
-                    sub = batch if sel is None else Backbone.batch_select(batch, sel[i])
-                    with self.patched(r):
-                        f = self.graphs.run(sub, "patch", tuple(r.layout.free_bias)) if self.graphs else None
-                        parts.append(self.backbone(sub) if f is None else f)
-                logits = self.heads(parts, res, groups)
-            else:
-                plans, sample_slot, slot_t, report.slot_loads = self.prepare_mixed(unique, res,
-                                                                                   [pos[t] for t in task_ids])
-                feats = self.graphs.run(batch, "override", sample_slot=slot_t) if self.graphs else None
-                if feats is None:
-                    if plans is None:  # the graph declined this batch (size / capture): plan it now
-                        plans = self.slots.plan(sorted(set(sample_slot)), slot_t)
-                    try:
-                        self.hooks.active.update(plans)
-                        feats = self.backbone(batch)
-                    finally:
-                        self.hooks.active.clear()
-                logits = self.slots.heads(feats, slot_t, sample_slot)  # one bmm for all the heads
+            logits, report.slot_loads = runner.run(batch, unique, res, [pos[t] for t in task_ids])
             report.cache_hits, report.cache_misses = usage.hits, usage.misses
             report.cache_evictions, report.store_loads = usage.evictions, usage.store_loads
             c = self.counters
@@ -334,31 +315,6 @@ class Engine:
             c["cache_evictions"] += usage.evictions
         report.seconds = time.perf_counter() - t0
         return logits, versions, report
-
-    def prepare_mixed(self, unique: Sequence[str], res: Sequence[Resident], sample_pos: Sequence[int]):
-        """The per-batch work of the override path: slots for the tasks (written if new), the sample →
-        slot index (one host-to-device copy) and, without graphs, the per-module plans. Returns
-        (plans or None, sample slots, the same on the device, slot loads)."""
-        slots, loads = self.slots.assign(unique, res, protect=self._pinned)
-        sample_slot = [slots[p] for p in sample_pos]
-        slot_t = torch.tensor(sample_slot, dtype=torch.long).to(self.device, non_blocking=True)
-        plans = None if self.graphs else self.slots.plan(slots, slot_t)
-        return plans, sample_slot, slot_t, loads
-
-    @staticmethod
-    def heads(parts: Sequence[torch.Tensor], res: Sequence[Resident], groups: Sequence[list[int]]) -> list:
-        """Each task's head on its samples' features; ONE device-to-host copy for the whole batch."""
-        outs = [F.linear(f.to(r.head_w.dtype), r.head_w, r.head_b).float().flatten() for f, r in zip(parts, res)]
-        flat = torch.cat(outs).cpu() if len(outs) > 1 else outs[0].cpu()
-        logits: list = [None] * sum(len(g) for g in groups)
-        pos = 0
-        for g, r in zip(groups, res):
-            c = r.head_w.shape[0]
-            block = flat[pos:pos + len(g) * c].view(len(g), c)
-            pos += len(g) * c
-            for j, s in enumerate(g):
-                logits[s] = block[j]
-        return logits
 
     def _answers(self, logits: Sequence[torch.Tensor], task_ids: Sequence[str], versions: Sequence[str],
                  top_k: int) -> list[dict]:
@@ -395,4 +351,4 @@ class Engine:
         """Counters and tier sizes (does not wait for a running batch)."""
         return {**self.counters, "tasks": len(self._tasks), "device_cache_bytes": self.cache.nbytes("device"),
                 "host_cache_bytes": self.cache.nbytes("host"), "pinned": len(self._pinned),
-                **self.slots.stats(), **(self.graphs.stats() if self.graphs else {}), "cache": self.cache.stats()}
+                **self.assigner.stats(), **(self.graphs.stats() if self.graphs else {}), "cache": self.cache.stats()}

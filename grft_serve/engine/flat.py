@@ -2,7 +2,7 @@
 
 Every patchable weight is re-homed as a view into one flat buffer per row length, so writing all of a
 task's new rows into the base is one ``index_copy_`` per row length (the rows' positions in those
-buffers are precomputed per task, :mod:`grft_serve.packed`). Every patchable module also has a place
+buffers are precomputed per task, :mod:`grft_serve.engine.packed`). Every patchable module also has a place
 in ONE flat bias buffer: the base bias where there is one, zeros where the base has none. A task may
 give a bias-free module a bias; that module gets its zero slice as ``bias`` while the task is patched
 in and ``None`` again afterwards, so the base's own outputs never change. :meth:`FlatWeights.patched`
