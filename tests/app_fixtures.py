@@ -190,3 +190,28 @@ class Canary:
         assert self.latencies, "the canary never ran"
         assert not self.failures, self.failures[:3]
         assert max(self.latencies) < max_s, f"canary latencies {sorted(self.latencies)[-5:]} (max {max_s} s)"
+
+
+class PeakRss:
+    """``with PeakRss(process) as m: ...`` samples the process's RSS every 2 ms; ``m.grew_mb`` is the
+    peak over the block less the RSS at its start."""
+
+    def __init__(self, process):
+        self.process, self.grew_mb = process, 0.0
+        self._stop = threading.Event()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self.process.memory_info().rss)
+            time.sleep(0.002)
+
+    def __enter__(self) -> "PeakRss":
+        self._base = self._peak = self.process.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.grew_mb = (self._peak - self._base) / 2**20

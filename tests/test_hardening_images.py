@@ -15,7 +15,7 @@ import psutil
 import pytest
 import requests
 
-from app_fixtures import (SEED, VIT_CFG, Canary, app_config, b64, build_local_backbone, flat_image,  # noqa: F401
+from app_fixtures import (SEED, VIT_CFG, Canary, PeakRss, app_config, b64, build_local_backbone, flat_image,
                           free_port, make_text_model, png_bytes, progressive_jpeg, run_app, start_ray)
 from grft_serve.app.config import Limits
 from grft_serve.app.inputs import check_image, decode_image, jpeg_scans
@@ -93,23 +93,10 @@ def test_images_are_preprocessed_one_by_one_within_a_decoded_bytes_budget(server
     """Eight 4000 x 4000 PNGs (48 MB of pixels each) used to be held decoded all at once."""
     srv, versions = server
     req = _request(versions, "a", [flat_image(4000, 4000)] * 8)
-    proc, peak, stop = psutil.Process(), [0], threading.Event()
-    base = proc.memory_info().rss
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.002)
-    t = threading.Thread(target=sample)
-    t.start()
-    try:
+    with PeakRss(psutil.Process()) as mem:
         res = asyncio.run(srv.predict(req))
-    finally:
-        stop.set()
-        t.join()
     assert len(res["predictions"]) == 8
-    grew = (peak[0] - base) / 2**20
-    assert grew < 200, f"decoding grew the process by {grew:.0f} MB (8 images hold 384 MB)"
+    assert mem.grew_mb < 200, f"decoding grew the process by {mem.grew_mb:.0f} MB (8 images hold 384 MB)"
     srv.limits = Limits(max_decoded_bytes=100 << 20)
     try:
         res = asyncio.run(srv.predict(req))

@@ -41,7 +41,6 @@ __all__ = ["Ingress"]
 
 log = logging.getLogger("grft_serve.app")
 
-_MULTIPART_SLACK = 1 << 20
 LIST_LIMIT, MAX_LIST_LIMIT = 100, 1000  # GET /v1/tasks page size: default, largest
 _INLINE_CHECK_BYTES = 64 << 10  # smaller inputs are checked on the event loop (a thread hop costs more)
 _PREDICT_BODY = {"requestBody": {"required": True, "content": {
@@ -184,33 +183,12 @@ class Ingress(OipRoutes, OpenAIRoutes):
         self.guard.admin(request)
         status = "error"
         try:
-            data, form_replace = await self._package_upload(request)
+            data, form_replace = await self.guard.package_upload(request)
             out = await self._register(data, replace or form_replace)
             status = "ok"
             return out
         finally:
             M.inc("grft_registrations", 1, {"op": "register", "status": status})
-
-    async def _package_upload(self, request: Request) -> tuple[bytes, bool]:
-        ctype = request.headers.get("content-type", "")
-        if not ctype.startswith("multipart/form-data"):
-            raise ApiError(415, "unsupported_media_type", "upload the package as multipart/form-data (field 'file')")
-        await self.guard.body(request, self.limits.max_package_bytes + _MULTIPART_SLACK, "package upload")
-        try:
-            form = await request.form(max_files=1, max_fields=4, max_part_size=self.limits.max_package_bytes)
-        except Exception as e:  # noqa: BLE001 - starlette raises on malformed / too many parts
-            raise ApiError(400, "bad_multipart", f"cannot read the multipart body: {getattr(e, 'detail', e)}") from None
-        try:
-            f = form.get("file")
-            if f is None or isinstance(f, str):
-                raise ApiError(422, "invalid_request", "multipart field 'file' (the package) is missing")
-            data = await f.read(self.limits.max_package_bytes + 1)
-            flag = str(form.get("replace", "false")).strip().lower()
-            if flag not in ("true", "false", "1", "0", "yes", "no", ""):
-                raise ApiError(422, "invalid_request", f"replace must be true or false, got {flag!r}")
-            return data, flag in ("true", "1", "yes")
-        finally:
-            await form.close()
 
     async def _register(self, data: bytes, replace: bool) -> dict:
         limit = self.limits.max_package_bytes
@@ -302,7 +280,7 @@ class Ingress(OipRoutes, OpenAIRoutes):
         bb, version = await self._resolve(task_id)
         kind = (await self.backbones())[bb]["kind"]
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            raw, top_k = await self._multipart_inputs(request, kind)
+            raw, top_k = await self.guard.multipart_inputs(request, kind)
             encoded = False
         else:
             req = self._model(PredictRequest, await self.guard.json(request, self.limits.max_request_bytes))
@@ -369,41 +347,6 @@ class Ingress(OipRoutes, OpenAIRoutes):
             return [check_input(k, x, i, self.limits, encoded) for i, (k, x) in enumerate(zip(kinds, raw))]
         size = sum(len(x) for x in raw if isinstance(x, (str, bytes)))
         return await asyncio.to_thread(run) if "image" in kinds and size > _INLINE_CHECK_BYTES else run()
-
-    async def _multipart_inputs(self, request: Request, kind: str) -> tuple[list, Any]:
-        cap = self.limits.max_inputs_per_request * self.limits.max_image_bytes + _MULTIPART_SLACK
-        await self.guard.body(request, min(cap, self.limits.max_request_bytes))
-        try:
-            form = await request.form(max_files=self.limits.max_inputs_per_request + 1,
-                                      max_fields=self.limits.max_inputs_per_request + 8)
-        except Exception as e:  # noqa: BLE001 - starlette raises on malformed / too many parts
-            msg = str(getattr(e, "detail", e))
-            code = 413 if "maximum" in msg.lower() or "too many" in msg.lower() else 400
-            raise ApiError(code, "too_many_inputs" if code == 413 else "bad_multipart",
-                           f"cannot read the multipart body: {msg}") from None
-        top_k: Any = 5
-        inputs = []
-        try:
-            for key, v in form.multi_items():
-                if key == "top_k" and isinstance(v, str):
-                    top_k = v
-                    continue
-                if isinstance(v, str):
-                    if kind == "text" and key in ("inputs", "input", "text", "texts"):
-                        inputs.append(v)
-                    continue
-                data = await v.read(self.limits.max_image_bytes + 1)
-                if kind == "image":
-                    inputs.append(data)
-                else:
-                    try:
-                        inputs.append(data.decode("utf-8"))
-                    except UnicodeDecodeError:
-                        raise ApiError(422, "invalid_input", f"input {len(inputs)}: file is not UTF-8 text") \
-                            from None
-        finally:
-            await form.close()
-        return inputs, top_k
 
     async def _dispatch(self, bbs: list[str], items: list[dict], top_k: int) -> list[dict]:
         """ONE call per backbone with all of this request's inputs for it; answers back in order."""

@@ -14,9 +14,10 @@ scan's entropy decoding walks every block of the image however few bytes it has:
 few bytes each cost 10-20 s of libjpeg work in 200 KB, 100 scans of a flat 4000 x 4000 image 6 s in
 68 KB. Scans are counted from the markers before anything is decoded, and both the scans
 (``max_jpeg_scans``) and scans x pixels (``max_jpeg_scan_pixels``) are capped (an upper bound with
-one ``bytes.count``, an exact walk over the segments only past it). The decode itself runs under a deadline (``decode_timeout_s``) and
-a cancel flag, checked by the file object Pillow reads from between blocks of at most
-:data:`DECODE_BLOCK` bytes: a slow or abandoned decode stops at the next block.
+one ``bytes.count``, an exact walk over the segments only past it). The decode itself runs under a
+deadline (``decode_timeout_s``) and a cancel flag, checked by the file object Pillow reads from
+between blocks of at most :data:`DECODE_BLOCK` bytes: a slow or abandoned decode stops at the next
+block (a decoder that takes its whole input in one call, e.g. WebP, is bounded by the pixel caps).
 
 The replica decodes in two steps: :func:`open_image` reads a header, checks it and applies
 ``Image.draft`` (JPEG: DCT scaling by 1/2, 1/4 or 1/8 while decoding, never below the shortest side the

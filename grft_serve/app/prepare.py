@@ -5,8 +5,8 @@
     Prepare(items)                         grouped by their tasks' preprocessing (prep_key)
       step 1   images: every header read (size, JPEG scans, draft) and the request's decoded bytes
                summed against max_decoded_bytes, before a single pixel is decoded; texts: tokenised
-      step 2.. one image at a time: decode (deadline, cancel) → preprocess → [1, C, H, W]; the full-size
-               image is dropped before the next one is decoded
+      step 2.. images decoded one at a time (deadline, cancel) as ONE preprocess call per slice
+               iterates over them: the full-size image is dropped before the next one is decoded
       done     one Chunk per preprocessing (its tensors concatenated)
 
 The replica runs a request's steps one after the other on its pool, each for at most
@@ -102,7 +102,8 @@ class Prepare:
         self.done = False
         self._todo: list[tuple[str, dict, list[int]]] = []  # (key, preprocessing, indices) left
         self._images: dict[int, Any] = {}  # opened, not decoded
-        self._parts: list = []  # preprocessed inputs of the group being decoded
+        self._parts: list = []  # preprocessed slices of the group being decoded
+        self._decoded = 0  # images of that group decoded so far
         self._started = False
 
     def step(self) -> None:
@@ -118,22 +119,32 @@ class Prepare:
             if self.kind != "image":
                 self._finish(key, idx, self._preprocess([self.items[i]["input"] for i in idx], prep, idx[0]))
                 continue
-            while len(self._parts) < len(idx):
-                if self.cancel.is_set():
-                    raise ApiError(408, "cancelled", "the request was cancelled", index=idx[len(self._parts)])
-                i = idx[len(self._parts)]
-                img = _indexed(i, load_image, self._images.pop(i), self.limits, i, self.cancel)
-                self._parts.append(self._preprocess([img], prep, i))
-                del img
-                if time.monotonic() - t0 > SLICE_S and len(self._parts) < len(idx):
-                    return
+            first = self._decoded
+            part = self._preprocess(self._decode(idx, t0), prep, idx[first])  # ONE call per slice
+            self._parts.append(part)
+            if self._decoded < len(idx):
+                return  # the slice is used up: the rest goes to the back of the pool's queue
             import torch
 
             self._finish(key, idx, torch.cat(self._parts) if len(self._parts) > 1 else self._parts[0])
-            self._parts = []
+            self._parts, self._decoded = [], 0
             if time.monotonic() - t0 > SLICE_S:
                 break
         self.done = not self._todo
+
+    def _decode(self, idx: list[int], t0: float):
+        """The group's next images, decoded one at a time as the preprocessing asks for them (so only
+        one full-size image is alive), until the slice is used up."""
+        while self._decoded < len(idx):
+            i = idx[self._decoded]
+            if self.cancel.is_set():
+                raise ApiError(408, "cancelled", "the request was cancelled", index=i)
+            img = _indexed(i, load_image, self._images.pop(i), self.limits, i, self.cancel)
+            self._decoded += 1
+            yield img
+            del img
+            if time.monotonic() - t0 > SLICE_S:
+                return
 
     def _start(self) -> None:
         for tid, version in dict.fromkeys((it["task"], it.get("version")) for it in self.items):
@@ -160,9 +171,11 @@ class Prepare:
                                                            f"{self.limits.max_decoded_bytes} bytes (width x height"
                                                            " x channels, summed)", index=i)
 
-    def _preprocess(self, raws: list, prep: dict, index: int):
+    def _preprocess(self, raws, prep: dict, index: int):
         try:
             return self.engine.backbone.preprocess(raws, prep)
+        except ApiError:  # a decode error of one of the images, raised through the preprocessing
+            raise
         except Exception as e:  # noqa: BLE001 - this request's inputs only
             raise ApiError(422, "bad_input", f"cannot preprocess the inputs ({type(e).__name__})",
                            index=index) from None

@@ -8,7 +8,7 @@ stored one (its lazy load), :class:`RunnableCheck` answers:
 
 * **pixel budget**: an image preprocessing whose model input (height × width) exceeds the deployment's
   ``max_input_pixels`` (default: 4× the base's own input, i.e. twice its resolution) is refused;
-* **dry run**: one neutral input (a mid-grey image at the task's input size, or a short text) is
+* **dry run** (classification bases): one neutral input (a mid-grey image at the task's input size, or a short text) is
   preprocessed and run through the engine *with the task*, under the engine's lock like any batch. A
   package not registered yet runs under a temporary id, removed in a ``finally``.
 
@@ -26,6 +26,7 @@ import uuid
 import torch
 
 from ..core.package import PreprocessingUnrunnableError, TaskPackage
+from ..core.package_header import CLASSIFICATION
 from .prepare import prep_key
 
 __all__ = ["TEMP_PREFIX", "RunnableCheck"]
@@ -86,6 +87,8 @@ class RunnableCheck:
         if hw and self.max_pixels and hw[0] * hw[1] > self.max_pixels:
             return (f"the task's preprocessing asks for {hw[0]}x{hw[1]} px inputs; this deployment runs at most "
                     f"{self.max_pixels} px per input (max_input_pixels)")
+        if bb.task_kind != CLASSIFICATION:  # generation runs through the decode loop, not engine.run
+            return None
         if bb.kind == "image":
             from PIL import Image
 

@@ -11,9 +11,9 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ApiError", "error_item", "ErrorBody", "ErrorResponse", "TaskOut", "BrokenTask", "TaskList", "TopK", "Prediction",
-           "PredictResponse", "PredictRequest", "PredictItem", "BatchPredictRequest", "ERR", "ERRORS_READ",
-           "ERRORS_PREDICT"]
+__all__ = ["ApiError", "error_item", "ErrorBody", "ErrorResponse", "TaskOut", "BrokenTask", "TaskList", "TopK",
+           "Prediction", "PredictResponse", "PredictRequest", "PredictItem", "BatchPredictRequest", "ERR",
+           "ERRORS_READ", "ERRORS_PREDICT"]
 
 
 class ApiError(Exception):

@@ -89,6 +89,8 @@ class TimmBackbone(Backbone):
         return self._eval_tf
 
     def preprocess(self, raw, preprocessing: dict | None = None):
+        """Images → one batch. ``raw`` is iterated once, one image at a time: a lazy iterable that
+        decodes each image when asked holds one full-size image at a time (the serving replica's)."""
         from PIL import Image
 
         tf = self.eval_transform((preprocessing or {}).get("timm_data_config"))
