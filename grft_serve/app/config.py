@@ -15,7 +15,7 @@ from ..core.files import import_object
 from ..core.package import DEFAULT_MAX_BYTES
 from ..store import DirectoryTaskStore, TaskStore
 
-__all__ = ["StoreConfig", "BackboneDeploymentConfig", "Limits", "AppConfig", "make_store"]
+__all__ = ["StoreConfig", "BackboneDeploymentConfig", "GenerationOptions", "Limits", "AppConfig", "make_store"]
 
 
 class StoreConfig(BaseModel):
@@ -30,6 +30,27 @@ class StoreConfig(BaseModel):
     path: str = "./tasks"
     cls: str | None = None
     kwargs: dict = {}
+
+
+class GenerationOptions(BaseModel):
+    """The decode loop of a generation backbone (a causal LM: ``type: causal_lm``, zoo ``smollm2_lm``);
+    see :mod:`grft_serve.engine.generate`. Ignored by classification backbones."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    decoder: Literal["continuous", "padded"] = Field(
+        "continuous", description="continuous batching (sequences join and leave at every step) or static "
+                                  "padded batches joined at batch boundaries")
+    max_tasks_per_batch: int = Field(8, ge=1, description="tasks decoding at once; requests of further tasks "
+                                                          "wait for a task to finish")
+    max_requests: int = Field(32, ge=1, description="sequences decoding at once")
+    max_batch_tokens: int = Field(512, ge=1, description="tokens per forward (prompt chunks + one per "
+                                                         "decoding sequence)")
+    kv_cache_tokens: int | None = Field(None, ge=1, description="KV cache size in tokens (default: "
+                                                                "max_requests full contexts)")
+    page_size: int = Field(64, ge=4, description="tokens per KV cache page")
+    max_pending: int = Field(512, ge=1, description="sequences decoding or waiting; a request beyond it is "
+                                                    "answered 503 (retry later)")
 
 
 class BackboneDeploymentConfig(BaseModel):
@@ -60,6 +81,12 @@ class BackboneDeploymentConfig(BaseModel):
     max_input_pixels: int | None = Field(None, ge=1, description="largest model input (height x width) a "
                                                                  "task's preprocessing may ask for; default "
                                                                  "4x the base's own input size")
+    generation: GenerationOptions = GenerationOptions()
+
+    @property
+    def task_kind(self) -> str:
+        """``classification`` or ``generation`` (from the backbone config, nothing is built)."""
+        return self.backbone.task_kind
 
 
 class Limits(BaseModel):
@@ -94,6 +121,9 @@ class Limits(BaseModel):
                                                                "this long is answered 408")
     max_tasks: int = Field(10_000, ge=1, description="registered tasks; a registration of a new id beyond "
                                                      "it is refused (409)")
+    max_choices: int = Field(8, ge=1, description="generation: completions per request (prompts x n)")
+    max_prompt_chars: int = Field(32_768, ge=1, description="generation: characters of a request's prompts or "
+                                                            "messages")
 
     @model_validator(mode="after")
     def _derived(self) -> "Limits":

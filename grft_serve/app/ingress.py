@@ -30,6 +30,7 @@ from .guard import Guard
 from .index import StoredTask, TaskIndex, is_miss
 from .inputs import check_input
 from .oip import OipRoutes
+from .openai_api import OpenAIRoutes
 from .proxy import HeaderLimit
 from .residency import ResidencyView, StateDir
 from .schemas import (ERR, ERRORS_PREDICT, ERRORS_READ, ApiError, BatchPredictRequest, PredictRequest,
@@ -54,7 +55,7 @@ _REGISTER_BODY = {"requestBody": {"required": True, "content": {"multipart/form-
         "replace": {"type": "boolean", "default": False}}}}}}}
 
 
-class Ingress(OipRoutes):
+class Ingress(OipRoutes, OpenAIRoutes):
     def __init__(self, config: dict, backbones: dict):
         self.cfg = AppConfig(**config)
         self.limits = self.cfg.limits
@@ -77,16 +78,19 @@ class Ingress(OipRoutes):
                     self._info = {i["name"]: i for i in infos}
         return self._info
 
-    async def _backbone_for(self, fingerprint: str | None) -> str | None:
+    async def _backbone_for(self, fingerprint: str | None, kind: str = "classification") -> str | None:
+        """The backbone serving tasks of ``kind`` on the base with ``fingerprint`` (a causal LM and its
+        classification body share one fingerprint: the kind tells their deployments apart)."""
         for name, info in (await self.backbones()).items():
-            if info["fingerprint"] == fingerprint:
+            if info["fingerprint"] == fingerprint and info.get("task_kind", "classification") == kind:
                 return name
         return None
 
     async def _task_out(self, e: StoredTask) -> dict:
         m = e.meta
-        return {"task_id": e.task_id, "version": e.version, "backbone": await self._backbone_for(e.fingerprint),
-                "base_model_id": m.get("base_model_id", ""), "base_fingerprint": m.get("base_fingerprint", ""),
+        kind = m.get("kind", "classification")
+        return {"task_id": e.task_id, "version": e.version, "kind": kind,
+                "backbone": await self._backbone_for(e.fingerprint, kind), "base_model_id": m.get("base_model_id", ""), "base_fingerprint": m.get("base_fingerprint", ""),
                 "mode": m.get("mode", ""), "labels": m.get("labels", []), "num_params": e.num_params,
                 "bytes": e.bytes, "metrics": m.get("metrics", {}), "preprocessing": m.get("preprocessing", {}),
                 "created": m.get("created"), **self.residency.of(e.task_id)}
@@ -107,6 +111,9 @@ class Ingress(OipRoutes):
         if not isinstance(tid, str):
             raise ApiError(422, "invalid_request", "a task id must be a string")
         e = await self._entry(tid)
+        if e.meta.get("kind", "classification") != "classification":
+            raise ApiError(422, "task_kind_mismatch", f"task {tid!r} is a {e.meta.get('kind')} task: it has no "
+                                                      "classifier (use /v1/completions or /v1/chat/completions)")
         bb = await self._backbone_for(e.fingerprint)
         if bb is None:
             raise ApiError(409, "no_backbone", f"task {tid!r} needs base {e.meta.get('base_model_id')} "
@@ -191,7 +198,13 @@ class Ingress(OipRoutes):
             meta = await asyncio.to_thread(peek_meta, data, limit)
         except PackageError as e:
             raise ApiError(e.status, e.code, e.message) from None
-        bb = await self._backbone_for(meta.base_fingerprint)
+        bb = await self._backbone_for(meta.base_fingerprint, meta.kind)
+        other = None if bb is not None else next((n for n, i in (await self.backbones()).items()
+                                                  if i["fingerprint"] == meta.base_fingerprint), None)
+        if other is not None:
+            raise ApiError(422, "task_kind_mismatch", f"task {meta.task_id!r} is a {meta.kind} package; backbone "
+                                                      f"{other} of its base serves "
+                                                      f"{(await self.backbones())[other].get('task_kind')} tasks")
         if bb is None:
             names = ", ".join(f"{n} ({i['model_id']}, {i['fingerprint']})" for n, i in (await self.backbones()).items())
             raise ApiError(409, "base_fingerprint_mismatch",

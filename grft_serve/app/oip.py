@@ -180,7 +180,7 @@ class OipRoutes:
             if had:
                 return {}  # the task was deleted; its pin is gone now
             raise ApiError(404, "unknown_task", f"unknown task {task!r}")
-        bb = await self._backbone_for(e.fingerprint)
+        bb = await self._backbone_for(e.fingerprint, e.meta.get("kind", "classification"))
         if bb is not None and not e.broken:
             await self._await_replicas(task, bb, False)
         return {}

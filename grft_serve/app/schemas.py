@@ -58,11 +58,13 @@ class TaskOut(BaseModel):
 
     task_id: str
     version: str = Field(description="content hash of the package (first 16 hex digits of SHA-256)")
+    kind: str = Field("classification", description="classification (a head over labels) or generation "
+                                                    "(served by /v1/completions and /v1/chat/completions)")
     backbone: str | None = Field(description="backbone deployment serving it (null: no backbone has its base)")
     base_model_id: str
     base_fingerprint: str
     mode: str
-    labels: list[str]
+    labels: list[str] = []
     num_params: int = Field(description="backbone parameters the task changes (rows/columns and biases; "
                                         "the classification head is not counted)")
     bytes: int
