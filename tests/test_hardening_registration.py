@@ -4,7 +4,8 @@
   32 px) or that is over the pixel budget is refused at registration (422
   ``preprocessing_unrunnable``), and one planted in the store answers 422 ``broken_task``, never 500
   (over HTTP, with the packages built here: tests/test_hardening_http.py);
-* finite but huge values (±3e38) are refused (422 ``value_out_of_range``); scores that still come out
+* finite but huge values (±3e38) are refused (422 ``value_out_of_range``), so is metadata over
+  1 Mi characters (413 ``metadata_too_large``); scores that still come out
   non-finite (float16 overflow) are refused per input (422 ``non_finite_result``; never a bare NaN);
 * ``host_cache_bytes``: a replica over its cap evicts tasks to the store and reloads them.
 """
@@ -17,9 +18,11 @@ import pytest
 import torch
 
 from app_fixtures import SEED, VIT_CFG, build_local_backbone, png_bytes
+from test_package import _err, _rewrite
 from grft_serve.app.oip_codec import infer_response
 from grft_serve.app.schemas import ApiError
-from grft_serve.core.package import package_bytes
+from grft_serve.core import package as P
+from grft_serve.core.package import load_package, package_bytes
 from grft_serve.testing import random_package
 
 pytestmark = pytest.mark.timeout(300)
@@ -37,6 +40,30 @@ def huge_head(pkg):
     pkg.head_weight = pkg.head_weight.clone()
     pkg.head_weight[0, 0] = 3e38
     return pkg
+
+
+def test_huge_finite_values_are_refused(vit):
+    pkg, base = random_package(vit, "taskA", k=3, tune_bias=True), vit.describe()
+    """±3e38 is finite in float32 but overflows in the first product (NaN scores on every input):
+    every value must fit float16's range, the smallest of the serving dtypes."""
+    hw = pkg.head_weight.clone()
+    hw[0, 0] = 3e38
+    e = _err(_rewrite(pkg, {"head.weight": hw}), base, P.ValueRangeError, "head.weight")
+    assert e.status == 422 and e.code == "value_out_of_range"
+    name = next(iter(pkg.deltas))
+    v = pkg.tensors()[f"{name}.values"].clone()
+    v[0, 0] = -P.MAX_ABS_VALUE * 1.01
+    _err(_rewrite(pkg, {f"{name}.values": v}), base, P.ValueRangeError, name)
+    v[0, 0] = -P.MAX_ABS_VALUE  # the bound itself is accepted
+    load_package(_rewrite(pkg, {f"{name}.values": v}), base=base)
+
+
+def test_metadata_size_is_capped(vit):
+    pkg, base = random_package(vit, "taskA", k=3, tune_bias=True), vit.describe()
+    big = {"training_config": {"note": "x" * (P.MAX_METADATA_CHARS + 1)}}
+    e = _err(_rewrite(pkg, meta=big), base, P.MetadataTooLargeError, "metadata")
+    assert e.status == 413 and e.code == "metadata_too_large"
+    assert P.read_header(_rewrite(pkg, meta={"training_config": {"note": "x" * 1000}})).meta.task_id == "taskA"
 
 
 def test_oip_never_writes_a_bare_nan():
