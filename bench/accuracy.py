@@ -55,10 +55,11 @@ from bench.acc_settings import SETTINGS, Setting, merge, smoke_setting  # noqa: 
 from bench.baselines import full_ft_builder, gps_builder, lora_builder, lora_count, lora_rank_for, lora_targets, sparse_k  # noqa: E402,E501
 from bench.records import Records  # noqa: E402
 from bench.rss import PeakMemory  # noqa: E402
-from grft_train.common import build_backbone, count_params, load_data, resolve_device, task_preprocessing  # noqa: E402
+from grft_train.common import resolve_device  # noqa: E402
 from grft_train.config import FitConfig, SelectConfig  # noqa: E402
-from grft_train.fit import run_fit, used_modules  # noqa: E402
-from grft_train.select import Selection, build_selection, scl_gradients  # noqa: E402
+from grft_train.context import RunContext  # noqa: E402
+from grft_train.fit import run_fit  # noqa: E402
+from grft_train.select import Selection, build_selection, selection_grads  # noqa: E402
 
 log = logging.getLogger("bench.accuracy")
 FAMILIES = ("linear", "grft-row", "grft-column", "gps", "lora", "full")
@@ -90,12 +91,8 @@ def run_seed(st: Setting, families: Sequence[str], ks: Sequence[int], seed: int,
         torch.set_num_threads(threads)
     scfg = SelectConfig(**common, **merge(st.select, ov.get("select", {})), mode="row", heatmap=False)
     fit_base = merge(st.fit, ov.get("fit", {}))
-    backbone = build_backbone(scfg, dev)
-    splits = load_data(scfg, backbone)
-    spec = backbone.describe()
-    total = count_params(backbone)
-    probe = backbone.preprocess([splits.train[0][0]], task_preprocessing(backbone, scfg))
-    used = used_modules(backbone, backbone.batch_to(probe, dev))
+    ctx = RunContext.build(scfg)
+    backbone, splits, spec, total, used = ctx.backbone, ctx.splits, ctx.spec, ctx.total_params, ctx.used
     meta = {"base_model_id": spec.model_id, "base_fingerprint": spec.fingerprint, "labels": splits.labels}
 
     need_grads = any(f in families for f in ("grft-row", "grft-column", "gps", "lora"))
@@ -103,7 +100,7 @@ def run_seed(st: Setting, families: Sequence[str], ks: Sequence[int], seed: int,
     if need_grads:
         with PeakMemory(dev) as pm:
             t0 = time.time()
-            grads = scl_gradients(scfg, backbone, splits, dev)
+            grads = selection_grads(scfg, ctx)
             select_s = time.time() - t0
         rss_select = pm.result()
 
@@ -118,7 +115,7 @@ def run_seed(st: Setting, families: Sequence[str], ks: Sequence[int], seed: int,
                          out_dir=str(Path(workdir) / st.key / f"seed{seed}" / method))
         with PeakMemory(dev) as pm:
             t1 = time.time()
-            res = run_fit(fcfg, backbone=backbone, splits=splits, selection=sel, build_model=builder)
+            res = run_fit(fcfg, ctx, selection=sel, build_model=builder)
             fit_s = time.time() - t1
         res.model.close()
         m = res.metrics
@@ -150,7 +147,7 @@ def run_seed(st: Setting, families: Sequence[str], ks: Sequence[int], seed: int,
         for fam, mode in (("grft-row", "row"), ("grft-column", "column")):
             if fam not in families and not (fam == "grft-row" and ({"gps", "lora"} & set(families))):
                 continue
-            sel = build_selection(grads, backbone, splits.labels, scfg.model_copy(update={"mode": mode, "k": k}))
+            sel = build_selection(grads, ctx, scfg.model_copy(update={"mode": mode, "k": k}))
             if fam == "grft-row":
                 row_values[k] = sel.meta["selected_values"]
             if fam not in families:  # only the budget was needed
@@ -159,8 +156,7 @@ def run_seed(st: Setting, families: Sequence[str], ks: Sequence[int], seed: int,
         if "gps" in families:
             shapes = {n: tuple(g.shape) for n, g in grads.grads.items()}
             per_row = sparse_k(shapes, row_values[k])
-            sel = build_selection(grads, backbone, splits.labels, scfg.model_copy(update={"mode": "sparse",
-                                                                                       "k": per_row}))
+            sel = build_selection(grads, ctx, scfg.model_copy(update={"mode": "sparse", "k": per_row}))
             fit(f"gps-k{k}", sel, "all", gps_builder(used), extra={"k": k, "entries_per_row": per_row})
         if "lora" in families:
             if not _have_peft():

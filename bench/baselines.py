@@ -25,7 +25,7 @@ from torch import nn
 from grft_serve.core.backbones import Backbone
 from grft_serve.core.rowop import conv_with
 from grft_train.config import FitConfig
-from grft_train.fit import build_task_model
+from grft_train.fit import new_head
 from grft_train.model import TaskModel
 from grft_train.select import Selection
 
@@ -33,12 +33,11 @@ __all__ = ["SparsePatch", "SparseTaskModel", "full_ft_builder", "gps_builder", "
            "lora_rank_for", "lora_targets", "sparse_k"]
 
 
-def _head(backbone: Backbone, n_classes: int, cfg: FitConfig) -> nn.Linear:
-    """The head GRFT would get (same seed, same initialisation)."""
-    plain = build_task_model(backbone, Selection("row", {}), n_classes, cfg.model_copy(update={"bias": "none"}),
-                             modules=[])
-    plain.close()
-    return plain.head
+def _head(backbone: Backbone, n_classes: int, cfg: FitConfig) -> nn.Linear | None:
+    """The head GRFT would get (same seed, same initialisation); None for a generation task."""
+    if not n_classes:
+        return None
+    return new_head(backbone.feature_dim, n_classes, cfg).to(next(backbone.parameters()).device)
 
 
 class _Plain(TaskModel):

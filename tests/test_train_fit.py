@@ -409,7 +409,7 @@ def test_bias_all_package_on_cnn_merges_and_exports_to_onnx(tmp_path):
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
         want = model.eval()(x)
     model.close()
-    pkg = make_package(model, sel, spec, bb, ["a", "b", "c"], cfg, {})
+    pkg = make_package(model, sel, spec, cfg, {}, bb.preprocessing_meta(), {"labels": ["a", "b", "c"]})
     assert sum(1 for d in pkg.deltas.values() if d.k == 0 and d.bias is not None) == len(used) - 3
     path = save_package(pkg, tmp_path / "cnn.grft.safetensors")
     with torch.no_grad():
