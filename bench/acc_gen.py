@@ -16,8 +16,8 @@ answers in the same prompt format:
 - ``full``            every parameter (at ``full_lr``).
 
 Metrics: normalised exact match and ROUGE-L of the answers (:mod:`grft_train.genmetrics`), answer
-perplexity, trainable %, seconds. The selection gradients do not depend on the training seed (a
-full pass: the sum is order-free), so they are computed once per dataset and their time is given
+perplexity, trainable %, seconds. The selection gradients (one full pass in the batch order of the
+first seed) are computed once per dataset and shared by every training seed; their time is given
 with every GRFT record. On a shared machine the seconds are indicative only; the scores are not
 affected by load.
 """

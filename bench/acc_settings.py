@@ -92,7 +92,7 @@ def smoke_setting(root: Path) -> Setting:
 # (the converted JSONL under its workdir).
 _GEN = dict(backbone={"type": "zoo", "name": "smollm2_lm", "max_length": 64}, objective="causal_lm",
             generation={"prompt_template": "Question: {prompt}\nAnswer: ", "stop": ["\n"]}, batch_size=16)
-_GEN_FIT = dict(l2_lambda=1e-4, l2_last_layers=2, warmup_epochs=0.2, lr=1e-3)
+_GEN_FIT = dict(l2_lambda=1e-4, l2_last_layers=2, warmup_epochs=0.2, lr=3e-3)
 GEN_SETTINGS: dict[str, Setting] = {
     "math": Setting("math", "SmolLM2-135M + mathematics_dataset arithmetic__add_or_sub (easy)",
                     merge(_GEN, {"data": {"format": "jsonl", "val_fraction": 0.1, "test_fraction": 0.15, "seed": 0,
