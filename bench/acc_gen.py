@@ -30,12 +30,10 @@ from typing import Callable, Sequence
 
 from bench.acc_report import mean_se
 from bench.acc_settings import Setting, merge
-from bench.baselines import full_ft_builder, lora_builder, lora_count, lora_rank_for, lora_targets
-from bench.rss import PeakMemory
+from bench.baselines import full_ft_builder, lora_builder, lora_count, lora_rank_for, lora_targets, timed_fit
 from grft_train.config import FitConfig, SelectConfig
 from grft_train.context import RunContext
 from grft_train.converters import chatterbot_records, math_records, write_jsonl
-from grft_train.fit import run_fit
 from grft_train.generate import answer_scores
 from grft_train.plots import pyplot, save_figure
 from grft_train.select import Selection, build_selection, selection_grads
@@ -115,12 +113,7 @@ def run_gen_seed(st: Setting, families: Sequence[str], k: int, seed: int, *, dev
         lr = {"lr": st.full_lr} if method == "full" else {}
         fcfg = FitConfig(**common, **merge(st.fit, lr), bias=bias, task_id=f"{st.key}-{method}",
                          out_dir=str(Path(workdir) / st.key / f"seed{seed}" / method))
-        with PeakMemory(ctx.device) as pm:
-            t1 = time.time()
-            res = run_fit(fcfg, ctx, selection=sel, build_model=builder)
-            fit_s = time.time() - t1
-        res.model.close()
-        m = res.metrics
+        m, fit_s, mem = timed_fit(fcfg, ctx, sel, builder)
         body = m["trainable_values"] + m["trainable_biases"]
         uses_sel = method.startswith("grft")
         return record(method, {"exact_match": m["test_exact_match"], "rouge_l": m["test_rouge_l"]}, {
@@ -129,7 +122,7 @@ def run_gen_seed(st: Setting, families: Sequence[str], k: int, seed: int, *, dev
             "trainable_values": m["trainable_values"], "trainable_biases": m["trainable_biases"],
             "select_s": round(select_s, 2) if uses_sel else 0.0, "fit_s": round(fit_s, 2),
             "step_s": m["step_seconds"], "step_cpu_s": m["step_cpu_seconds"], "eval_s": m["eval_seconds"],
-            "rss_fit_mb": pm.result()["rss_peak_mb"], "epochs": fcfg.epochs, "lr": fcfg.lr,
+            "rss_fit_mb": mem["rss_peak_mb"], "epochs": fcfg.epochs, "lr": fcfg.lr,
             "l2_lambda": fcfg.l2_lambda, "batch_size": fcfg.batch_size, "bias": bias, "k": k,
             "package": m.get("package"), **(extra or {})})
 

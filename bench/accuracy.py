@@ -58,13 +58,13 @@ if __package__ in (None, ""):  # run as `python bench/<name>.py`: make the repo 
 from bench.acc_gen import GEN_FAMILIES, GenCache, gen_data, plot_gen, render_gen, run_gen_seed, summarise_gen  # noqa: E402
 from bench.acc_report import plot_curve, render_markdown, summarise  # noqa: E402
 from bench.acc_settings import GEN_SETTINGS, SETTINGS, Setting, merge, smoke_setting  # noqa: E402
-from bench.baselines import full_ft_builder, gps_builder, lora_builder, lora_count, lora_rank_for, lora_targets, sparse_k  # noqa: E402,E501
+from bench.baselines import (full_ft_builder, gps_builder, lora_builder, lora_count, lora_rank_for,  # noqa: E402
+                             lora_targets, sparse_k, timed_fit)
 from bench.records import Records  # noqa: E402
 from bench.rss import PeakMemory  # noqa: E402
 from grft_train.common import resolve_device  # noqa: E402
 from grft_train.config import FitConfig, SelectConfig  # noqa: E402
 from grft_train.context import RunContext  # noqa: E402
-from grft_train.fit import run_fit  # noqa: E402
 from grft_train.select import Selection, build_selection, selection_grads  # noqa: E402
 
 log = logging.getLogger("bench.accuracy")
@@ -120,12 +120,7 @@ def run_seed(st: Setting, families: Sequence[str], ks: Sequence[int], seed: int,
         rates = {"lr": st.full_lr, "head_lr": fit_base["lr"]} if method == "full" else {}
         fcfg = FitConfig(**common, **merge(fit_base, rates), bias=bias, task_id=f"{st.key}-{method}",
                          out_dir=str(Path(workdir) / st.key / f"seed{seed}" / method))
-        with PeakMemory(dev) as pm:
-            t1 = time.time()
-            res = run_fit(fcfg, ctx, selection=sel, build_model=builder)
-            fit_s = time.time() - t1
-        res.model.close()
-        m = res.metrics
+        m, fit_s, mem = timed_fit(fcfg, ctx, sel, builder)
         body = m["trainable_values"] + m["trainable_biases"]
         uses_sel = method.startswith(("grft", "gps"))
         rec = {
@@ -136,9 +131,9 @@ def run_seed(st: Setting, families: Sequence[str], ks: Sequence[int], seed: int,
             "total_pct": m["trainable_pct"], "backbone_params": total,
             "select_s": round(select_s, 2) if uses_sel else 0.0, "fit_s": round(fit_s, 2),
             "step_s": m["step_seconds"], "step_cpu_s": m["step_cpu_seconds"], "eval_s": m["eval_seconds"],
-            "prep_s": m["preprocess_seconds"], "rss_fit_mb": pm.result()["rss_peak_mb"],
+            "prep_s": m["preprocess_seconds"], "rss_fit_mb": mem["rss_peak_mb"],
             "rss_select_mb": (rss_select or {}).get("rss_peak_mb") if uses_sel else None,
-            "cuda_peak_mb": pm.result().get("cuda_peak_mb"),
+            "cuda_peak_mb": mem.get("cuda_peak_mb"),
             "n_train": m["n_train"], "n_val": m["n_val"], "n_test": m["n_test"], "epochs": fcfg.epochs,
             "lr": fcfg.lr, "head_lr": fcfg.head_lr, "l2_lambda": fcfg.l2_lambda, "batch_size": fcfg.batch_size, "bias": bias,
             "device": str(dev), "device_name": _device_name(dev), "package": m.get("package"), **(extra or {}),

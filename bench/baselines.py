@@ -30,7 +30,22 @@ from grft_train.model import TaskModel
 from grft_train.select import Selection
 
 __all__ = ["SparsePatch", "SparseTaskModel", "full_ft_builder", "gps_builder", "lora_builder", "lora_count",
-           "lora_rank_for", "lora_targets", "sparse_k"]
+           "lora_rank_for", "lora_targets", "sparse_k", "timed_fit"]
+
+
+def timed_fit(cfg: FitConfig, ctx, selection: Selection, builder=None) -> tuple[dict, float, dict]:
+    """``run_fit`` of one method on a shared run context: (metrics, wall seconds, peak memory)."""
+    import time
+
+    from bench.rss import PeakMemory
+    from grft_train.fit import run_fit
+
+    with PeakMemory(ctx.device) as pm:
+        t0 = time.time()
+        res = run_fit(cfg, ctx, selection=selection, build_model=builder)
+        fit_s = time.time() - t0
+    res.model.close()
+    return res.metrics, fit_s, pm.result()
 
 
 def _head(backbone: Backbone, n_classes: int, cfg: FitConfig) -> nn.Linear | None:

@@ -27,10 +27,10 @@ from .prepared import evaluate_prepared
 __all__ = ["load_task_model", "package_logits", "run_eval"]
 
 
-def load_task_model(package: str | Path, backbone: Backbone) -> TaskModel:
+def load_task_model(package: str | Path, backbone: Backbone, spec=None) -> TaskModel:
     """Backbone + package deltas (via RowOpHooks) + package head. Inputs are prepared by passing
     ``model.meta.preprocessing`` to ``backbone.preprocess`` on each call (the backbone is unchanged)."""
-    pkg = load_package(package, base=backbone.describe())
+    pkg = load_package(package, base=spec or backbone.describe())
     model = TaskModel.from_package(backbone, pkg)
     model.meta = pkg.meta
     return model.eval()
@@ -53,7 +53,7 @@ def run_eval(cfg: EvalConfig, ctx: RunContext | None = None, *, backbone: Backbo
         raise ValueError("eval needs a package path")
     t0 = time.time()
     ctx = ctx or RunContext.build(cfg, backbone, splits)
-    model = load_task_model(cfg.package, ctx.backbone)
+    model = load_task_model(cfg.package, ctx.backbone, ctx.spec)
     try:
         if model.meta.kind == "generation":
             from .geneval import run_generation_eval
