@@ -97,10 +97,10 @@ GEN_SETTINGS: dict[str, Setting] = {
     "math": Setting("math", "SmolLM2-135M + mathematics_dataset arithmetic__add_or_sub (easy)",
                     merge(_GEN, {"data": {"format": "jsonl", "val_fraction": 0.1, "test_fraction": 0.15, "seed": 0,
                                           "max_per_class": 400, "max_eval_per_class": 64}}),
-                    {}, dict(_GEN_FIT, epochs=3), full_lr=3e-5,
+                    {}, dict(_GEN_FIT, epochs=2), full_lr=3e-5,
                     convert={"kind": "math", "module": "arithmetic__add_or_sub", "n": 600, "seed": 0}),
     "trivia": Setting("trivia", "SmolLM2-135M + chatterbot-corpus trivia",
                       merge(_GEN, {"data": {"format": "jsonl", "val_fraction": 0.1, "test_fraction": 0.2, "seed": 0}}),
-                      {}, dict(_GEN_FIT, epochs=5), full_lr=3e-5,
+                      {}, dict(_GEN_FIT, epochs=4), full_lr=3e-5,
                       convert={"kind": "chatterbot", "categories": ["trivia"]}),
 }

@@ -240,9 +240,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             names = GEN_DATASETS if args.dataset == "generation" else (args.dataset,)
             workdir = Path(args.workdir) / "generation"
             cache = GenCache()
-            for name in names:
-                st = gen_data(GEN_SETTINGS[name], workdir)
-                for seed in args.seeds:
+            gen = [gen_data(GEN_SETTINGS[name], workdir) for name in names]
+            for seed in args.seeds:  # seed-major: a run cut short still has every dataset
+                for st in gen:
                     run_gen_seed(st, args.methods, args.gen_k, seed, device=args.device, workdir=workdir,
                                  threads=args.threads or 1, progress=args.progress, emit=out.emit, cache=cache)
             settings = []
