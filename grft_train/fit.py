@@ -215,7 +215,8 @@ def build_fit(cfg: FitConfig, ctx: RunContext, sel: Selection, build_model=None)
     opt = torch.optim.Adam([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
 
     n_body = sum(p.numel() for p in body_params)
-    head_only = n_body == 0 and model.head is not None and not cfg.augment
+    augmenting = cfg.augment and "timm_data_config" in ctx.preprocessing  # image tasks only
+    head_only = n_body == 0 and model.head is not None and not augmenting
     forward = model.head if head_only else model
     if head_only:  # linear probe: the frozen backbone gives the same features every epoch
         feat_t = time.time()
