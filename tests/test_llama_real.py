@@ -78,14 +78,14 @@ def test_smollm2_generation_task_cli(tmp_path):
     for cmd in ("select", "fit"):
         r = run(cmd, "-c", tmp_path / "run.yaml", "--quiet")
         assert r.exit_code == 0, r.output
-    res = json.loads(r.output.strip().splitlines()[-1])
+    res = json.loads(r.stdout.strip().splitlines()[-1])  # stdout alone: stderr may hold progress bars
     assert 0 < res["trainable_pct"] < 1 and res["test_ppl"] > 1
     r = run("eval", res["package"], "--quiet", "--set", "max_new_tokens=8")
     assert r.exit_code == 0, r.output
-    rep = json.loads(r.output[r.output.index("{"):])
+    rep = json.loads(r.stdout)
     assert rep["n"] == 4 and rep["task"]["loss"] < rep["base"]["loss"] and "delta" in rep
     r = run("generate", res["package"], "What is 12 + 30?", "--json", "--max-new-tokens", "6", "--quiet")
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output.strip().splitlines()[-1])
+    out = json.loads(r.stdout.strip().splitlines()[-1])
     bb = zoo.load("smollm2_lm", max_length=48)
     assert out["token_ids"] == generate_ids(load_package(res["package"]), bb, ["What is 12 + 30?"], max_new_tokens=6)[0]

@@ -78,7 +78,7 @@ def test_converters_write_jsonl_the_generic_loader_reads(tmp_path):
     pytest.importorskip("mathematics_dataset")
     r = CliRunner().invoke(app, ["data", "chatterbot", "--out", str(tmp_path / "trivia.jsonl")])
     assert r.exit_code == 0, r.output
-    info = json.loads(r.output.strip().splitlines()[-1])
+    info = json.loads(r.stdout.strip().splitlines()[-1])
     assert info["records"] > 200
     splits = load_examples({"format": "jsonl", "path": str(tmp_path / "trivia.jsonl")})
     assert len(splits.train) + len(splits.val) + len(splits.test) == info["records"]
