@@ -156,25 +156,26 @@ class CausalLMObjective(Objective):
         self.context = int(preprocessing.get("max_length") or backbone.max_length)
         chat = bool(len(splits.train) and splits.train[0].chat)
         meta = run_generation_meta(cfg.generation, backbone, chat)
-        self._tokens: dict[int, list[Tokenized]] = {}
+        self._tokens: dict[str, list[Tokenized]] = {}  # per split, tokenized once (data errors surface here)
         cut = 0
         for s in ("train", "val", "test"):
-            ds = splits.split(s)
-            self._tokens[id(ds)], c = tokenize(ds.examples, meta, self.tokenizer, self.context)
+            self._tokens[s], c = tokenize(splits.split(s).examples, meta, self.tokenizer, self.context)
             cut += c
         if cut:
             log.warning("%d example(s) longer than the context (%d tokens) lost the end of their answer", cut,
                         self.context)
-        answers = [len(t.ids) - t.prompt_len for t in self._tokens[id(splits.train)]] or [8]
+        answers = [len(t.ids) - t.prompt_len for t in self._tokens["train"]] or [8]
         if cfg.generation.max_new_tokens is None:
             meta = meta.model_copy(update={"max_new_tokens": int(min(512, max(16, 2 * max(answers))))})
         self.meta = meta
         self.truncated = cut
 
     def tokens(self, ds: ExampleSet) -> list[Tokenized]:
-        if id(ds) not in self._tokens:
-            self._tokens[id(ds)] = tokenize(ds.examples, self.meta, self.tokenizer, self.context)[0]
-        return self._tokens[id(ds)]
+        """The tokenized examples of a split (cached) or of any other example set (e.g. a subset)."""
+        for s in ("train", "val", "test"):
+            if ds is self.splits.split(s):
+                return self._tokens[s]
+        return tokenize(ds.examples, self.meta, self.tokenizer, self.context)[0]
 
     @property
     def labels(self) -> list[str]:

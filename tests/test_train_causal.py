@@ -189,3 +189,13 @@ def test_chat_records_train_on_the_assistant_turn(lm_dir, tmp_path):
     answer = ctx.backbone.tokenizer.decode(t.ids[t.prompt_len:])
     assert answer.startswith(ctx.splits.train[0].answer) and "Add" not in answer
     assert len(load_examples(c["data"]).test) == 2
+
+
+def test_subsets_select_on_the_lowest_answer_loss(trained, lm_dir, data, tmp_path):
+    c = common(lm_dir, data)
+    sel = run_select(SelectConfig(**c, out=str(tmp_path / "s.safetensors"), k=1, subsets=2, heatmap=False),
+                     trained["ctx"])
+    losses = sel.meta["subset_losses"]
+    assert len(losses) == 2 and sel.meta["chosen_subset"] == int(np.argmin(losses))
+    n = len(trained["ctx"].splits.train)
+    assert sel.meta["subset_size"] in (n // 2, n - n // 2) and sel.meta["grads"]["samples"] == sel.meta["subset_size"]
