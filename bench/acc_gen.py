@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from bench.acc_report import mean_se
+from bench.acc_report import md_header, mean_se
 from bench.acc_settings import Setting, merge
 from bench.baselines import full_ft_builder, lora_builder, lora_count, lora_rank_for, lora_targets, timed_fit
 from grft_train.config import FitConfig, SelectConfig
@@ -187,11 +187,9 @@ def _verdicts(rows: dict[str, dict]) -> list[str]:
 def render_gen(summary: dict) -> str:
     lines = []
     for s in summary.values():
-        lines.append(f"**{s['title']}** — train {s['n_train']} / val {s['n_val']} / test {s['n_test']}, "
-                     f"{s['rows'][0]['seeds']} seed(s)\n")
-        lines.append("| method | exact match % (mean ± s.e.) | ROUGE-L % | answer ppl | backbone trainable % | "
-                     "fit s | select s |")
-        lines.append("|---|---:|---:|---:|---:|---:|---:|")
+        lines += md_header(s, f"{s['rows'][0]['seeds']} seed(s)",
+                           ["method", "exact match % (mean ± s.e.)", "ROUGE-L %", "answer ppl",
+                            "backbone trainable %", "fit s", "select s"])
         for r in s["rows"]:
             extra = f" (r={r['rank']})" if r.get("rank") else ""
             lines.append(f"| {r['method']}{extra} | {100 * r['em']:.1f} ± {100 * r['em_se']:.1f} | "
