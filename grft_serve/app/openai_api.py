@@ -14,7 +14,8 @@ backbone's own name (or ``name:task``, OpenAI/vLLM-style) selects it without / w
 auth and body limits as ``/v1``.
 
 One call per request: the whole request (all prompts × ``n``) goes to one generation replica as a
-:class:`~grft_serve.app.messages.GenerateCall`, which streams back one :class:`GenerateStarted`
+:class:`~grft_serve.app.messages.GenerateCall` (through the ingress's
+:class:`~grft_serve.app.dispatch.Dispatcher`, like every route), which streams back one :class:`GenerateStarted`
 (prompt token counts, or the error that stops it before any token) and then batches of
 :class:`GenerateEvents` (text deltas per choice; several tokens per item when they come faster than
 the hop). A client that disconnects cancels the stream: the replica cancels its sequences and their KV
