@@ -19,6 +19,7 @@ pytest.importorskip("ray.serve")
 
 from app_fixtures import (VIT_CFG, app_config, b64, build_local_backbone, free_port,  # noqa: E402
                           make_text_model, png_bytes, run_app, start_ray, text_cfg)
+from grft_serve.app.answers import predict as engine_predict  # noqa: E402
 from grft_serve.engine import Engine  # noqa: E402
 from grft_serve.core.package import package_bytes  # noqa: E402
 from grft_serve.testing import random_package  # noqa: E402
@@ -82,7 +83,7 @@ def reference(engine: Engine, pkg, raws) -> list[dict]:
     except KeyError:
         pass
     engine.register(pkg)
-    return engine.predict(raws, [pkg.task_id] * len(raws), top_k=3)
+    return engine_predict(engine, raws, [pkg.task_id] * len(raws), top_k=3)
 
 
 def pil(data: bytes):

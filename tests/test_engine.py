@@ -216,7 +216,8 @@ def test_device_tier_lru_one_buffer_per_task(vit):
     for tid in ["t0", "t1", "t0", "t2", "t3", "t0"]:
         res = eng.run(x, [tid] * 2)
         reports.append(res.report)
-        assert [a["task"] for a in res.answers] == [tid, tid]
+        assert len(res.logits) == 2 and list(res.infos) == [tid]
+        assert res.versions == [eng.task(tid).version] * 2
         out = torch.stack(eng.forward(x, [tid] * 2)[0])  # a second batch: a hit
         assert torch.allclose(out, refs[tid], atol=1e-5)
     # each batch reports its own cache work: miss on the first call, hit on the repeat
@@ -321,21 +322,6 @@ def test_concurrent_registration_and_batches(vit):
     _assert_base_exact(eng, snap)
 
 
-def test_predict_formats_answers(vit):
-    from PIL import Image
-
-    eng = Engine(vit)
-    p = random_package(vit, "img", k=2, n_labels=4)
-    eng.register(p)
-    imgs = [Image.new("RGB", (40, 30), (i * 40, 100, 200)) for i in range(3)]
-    out = eng.predict(imgs, ["img"] * 3, top_k=2)
-    assert len(out) == 3
-    for o in out:
-        assert o["label"] in p.meta.labels and 0 < o["score"] <= 1
-        assert len(o["top_k"]) == 2 and o["top_k"][0]["label"] == o["label"]
-        assert o["version"] == eng.task("img").version
-
-
 def test_sync_from_store(vit, tmp_path):
     from grft_serve.store import DirectoryTaskStore
 
@@ -352,35 +338,6 @@ def test_sync_from_store(vit, tmp_path):
     res = eng.sync(store)
     assert res["removed"] == ["a"] and res["added"] == ["b"]
     assert eng.task("b").version == store.versions()["b"]
-
-
-def test_predict_uses_each_tasks_preprocessing(cnn):
-    """Tasks trained at different input sizes on one CNN are each served at their own size."""
-    from PIL import Image
-
-    from grft_serve.core.package import PreprocessingMismatchError
-
-    small = random_package(cnn, "small", k=1, seed=1)
-    big = random_package(cnn, "big", k=1, seed=2)
-    for pkg, size in ((small, 32), (big, 48)):
-        pkg.meta.preprocessing = cnn.preprocessing_meta(input_size=size)
-    eng = Engine(cnn)
-    eng.register(small)
-    eng.register(big)
-    imgs = [Image.new("RGB", (50, 40), (30 * i, 90, 160)) for i in range(4)]
-    ids = ["small", "big", "small", "big"]
-    got = eng.predict(imgs, ids, top_k=3)
-    for i, (img, tid) in enumerate(zip(imgs, ids)):
-        pkg = small if tid == "small" else big
-        x = cnn.preprocess([img], pkg.meta.preprocessing)
-        assert x.shape[-1] == (32 if tid == "small" else 48)
-        ref = reference_forward(cnn, pkg, x)[0].softmax(-1)
-        assert abs(got[i]["score"] - float(ref.max())) < 1e-5
-    text = random_package(cnn, "text", k=1, seed=3)
-    text.meta.preprocessing = {"kind": "text", "pooling": "mean"}
-    with pytest.raises(PreprocessingMismatchError, match="text inputs"):
-        eng.register(text)
-    assert {t.task_id for t in eng.tasks()} == {"small", "big"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,7 +464,7 @@ def test_store_tier_lazy_reload(vit, tmp_path):
     x = torch.randn(2, 3, 32, 32)
     for p in pkgs:
         r = eng.run(x, [p.task_id] * 2)
-        assert r.report.store_loads in (0, 1) and r.answers[0]["version"] == eng.task(p.task_id).version
+        assert r.report.store_loads in (0, 1) and r.versions[0] == eng.task(p.task_id).version
         assert torch.allclose(torch.stack(eng.forward(x, [p.task_id] * 2)[0]), reference_forward(vit, p, x),
                               atol=1e-5)
     assert eng.cache.misses("host") >= 3
@@ -588,12 +545,13 @@ def test_cuda_graphs_match_eager_and_reference(case):
 def test_run_reports_and_rejects(mlp):
     eng = _engine_with(mlp, _packages(mlp))
     x = torch.randn(3, 12)
-    res = eng.run(x, ["rows", "cols", "rows"], top_k=2)
-    assert [a["task"] for a in res.answers] == ["rows", "cols", "rows"]
-    assert all(len(a["top_k"]) == 2 and a["version"] == eng.task(a["task"]).version for a in res.answers)
+    res = eng.run(x, ["rows", "cols", "rows"])
+    assert len(res.logits) == 3 and list(res.infos) == ["rows", "cols"]
+    assert res.versions == [eng.task(t).version for t in ["rows", "cols", "rows"]]
+    assert [lg.numel() for lg in res.logits] == [len(res.infos[t].meta.labels) for t in ["rows", "cols", "rows"]]
     assert res.report.path == "override" and res.report.tasks == ["rows", "cols"] and res.report.samples == 3
     assert res.report.cache_misses + res.report.cache_hits == 2 and res.report.slot_loads == 2
-    assert eng.run(x[:0], []).answers == []
+    assert eng.run(x[:0], []).logits == []
     with pytest.raises(ValueError, match="3 samples but 2"):
         eng.run(x, ["rows", "rows"])
     with pytest.raises(ValueError, match="path"):
@@ -623,9 +581,8 @@ def test_grouped_slot_loads_over_reused_slots(case):
         ids = [rng.choice(pool).task_id for _ in range(5)] + [other[step % 4].task_id]  # always mixed
         res = eng.run(x, ids, path="override")
         for i, t in enumerate(ids):
-            got = torch.tensor([a["score"] for a in res.answers[i]["top_k"]])
-            want = seq[t][i].softmax(-1).sort(descending=True).values[: len(got)]
-            assert torch.allclose(got, want, atol=1e-5), (step, t)
+            assert res.versions[i] == eng.task(t).version
+            assert torch.allclose(res.logits[i], seq[t][i], atol=1e-5), (step, t)
         out = eng.forward(x, ids, path="override")[0]
         for i, t in enumerate(ids):
             assert (out[i] - seq[t][i]).abs().max() <= 1e-5, (step, t)

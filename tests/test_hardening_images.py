@@ -17,6 +17,7 @@ from app_fixtures import (SEED, VIT_CFG, PeakRss, build_local_backbone, flat_ima
                           png_bytes, progressive_jpeg)
 from grft_serve.app.config import Limits
 from grft_serve.app.inputs import check_image, decode_image, jpeg_scans
+from grft_serve.app.messages import PredictCall, PredictInput
 from grft_serve.app.schemas import ApiError
 from grft_serve.core.package import package_bytes
 from grft_serve.testing import random_package
@@ -84,7 +85,7 @@ def server(tmp_path_factory):
 
 
 def _request(versions, task, inputs):
-    return {"items": [{"task": task, "version": versions[task], "input": x} for x in inputs], "top_k": 1}
+    return PredictCall([PredictInput(task, versions[task], x) for x in inputs], top_k=1)
 
 
 def test_images_are_preprocessed_one_by_one_within_a_decoded_bytes_budget(server):
@@ -93,14 +94,14 @@ def test_images_are_preprocessed_one_by_one_within_a_decoded_bytes_budget(server
     req = _request(versions, "a", [flat_image(4000, 4000)] * 8)
     with PeakRss(psutil.Process()) as mem:
         res = asyncio.run(srv.predict(req))
-    assert len(res["predictions"]) == 8
+    assert len(res.predictions) == 8
     assert mem.grew_mb < 200, f"decoding grew the process by {mem.grew_mb:.0f} MB (8 images hold 384 MB)"
     srv.limits = Limits(max_decoded_bytes=100 << 20)
     try:
         res = asyncio.run(srv.predict(req))
     finally:
         srv.limits = Limits()
-    assert res["error"]["status"] == 413 and res["error"]["code"] == "too_many_pixels" and res["index"] == 2
+    assert res.error.status == 413 and res.error.code == "too_many_pixels" and res.error.index == 2
 
 
 def test_one_request_cannot_hold_the_decode_pool(server):
@@ -120,7 +121,7 @@ def test_one_request_cannot_hold_the_decode_pool(server):
         return ra, b, tb, time.monotonic() - t0
 
     ra, rb, tb, ta = asyncio.run(go())
-    assert len(ra["predictions"]) == 16 and len(rb["predictions"]) == 1
+    assert len(ra.predictions) == 16 and len(rb.predictions) == 1
     assert tb < ta / 3, (tb, ta)
 
 
@@ -130,7 +131,7 @@ def test_a_cancelled_request_stops_decoding(server):
     srv, versions = server
     img = flat_image(3000, 3000)
     t0 = time.monotonic()
-    srv.prepare_inputs(_request(versions, "a", [img] * 2)["items"], 1)
+    srv.prepare_inputs(_request(versions, "a", [img] * 2).items, 1)
     one = (time.monotonic() - t0) / 2  # one slow image, on this machine now
     before = srv.stats()["decode_aborts"]["cancelled"]
 
@@ -143,5 +144,6 @@ def test_a_cancelled_request_stops_decoding(server):
         return b, time.monotonic() - t0
 
     b, tb = asyncio.run(go())
-    assert "predictions" in b and tb < 3 * one + 0.3, (tb, one)  # the image in flight, then b's own work
+    assert b.error is None and len(b.predictions) == 1
+    assert tb < 3 * one + 0.3, (tb, one)  # the image in flight, then b's own work
     assert srv.stats()["decode_aborts"]["cancelled"] == before + 1

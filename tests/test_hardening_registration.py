@@ -19,6 +19,8 @@ import torch
 
 from app_fixtures import SEED, VIT_CFG, build_local_backbone, png_bytes
 from test_package import _err, _rewrite
+from grft_serve.app.answers import predict
+from grft_serve.app.messages import PredictCall, PredictInput
 from grft_serve.app.oip_codec import infer_response
 from grft_serve.app.schemas import ApiError
 from grft_serve.core import package as P
@@ -82,8 +84,7 @@ def _server(root, **spec):
 
 
 def _request(versions, tasks, seeds):
-    return {"items": [{"task": t, "version": versions[t], "input": png_bytes(s)} for t, s in zip(tasks, seeds)],
-            "top_k": 3}
+    return PredictCall([PredictInput(t, versions[t], png_bytes(s)) for t, s in zip(tasks, seeds)], top_k=3)
 
 
 def test_non_finite_scores_are_refused_per_input(tmp_path):
@@ -100,12 +101,12 @@ def test_non_finite_scores_are_refused_per_input(tmp_path):
                 "ok": store.put("ok", package_bytes(random_package(vit, "ok", seed=2)))}
     srv = _server(tmp_path, dtype="float16")
     try:
-        chunks = [srv.prepare_inputs(_request(versions, [t], [3])["items"], 3)[0][1] for t in ("ok", "hot")]
+        chunks = [srv.prepare_inputs(_request(versions, [t], [3]).items, 3)[0][1] for t in ("ok", "hot")]
         good, bad = srv.run_chunks(chunks)
-        assert bad["error"]["status"] == 422 and bad["error"]["code"] == "non_finite_result"
-        assert "answers" in good and all(np.isfinite(a["score"]) for a in good["answers"])
+        assert bad.error.status == 422 and bad.error.code == "non_finite_result"
+        assert good.error is None and all(np.isfinite(a["score"]) for a in good.predictions)
         res = asyncio.run(srv.predict(_request(versions, ["ok", "hot"], [1, 2])))
-        assert res["error"]["code"] == "non_finite_result" and res["index"] == 1
+        assert res.error.code == "non_finite_result" and res.error.index == 1
     finally:
         srv.close()
 
@@ -126,8 +127,8 @@ def test_a_replica_over_its_host_cap_evicts_to_the_store_and_reloads(tmp_path):
     try:
         order = list("abcabcab")
         for k, t in enumerate(order):
-            got = asyncio.run(srv.predict(_request(versions, [t], [k])))["predictions"][0]
-            want = ref.predict([_pil(png_bytes(k))], [t], top_k=3)[0]
+            got = asyncio.run(srv.predict(_request(versions, [t], [k]))).predictions[0]
+            want = predict(ref, [_pil(png_bytes(k))], [t], top_k=3)[0]
             assert got["label"] == want["label"] and abs(got["score"] - want["score"]) < 1e-5
             assert got["version"] == versions[t]
         cache = srv.engine.stats()["cache"]

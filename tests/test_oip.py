@@ -18,6 +18,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from app_fixtures import (VIT_CFG, app_config, b64, build_local_backbone, free_port,  # noqa: E402
                           make_text_model, png_bytes, run_app, start_ray, text_cfg)
+from grft_serve.app.answers import predict  # noqa: E402
 from grft_serve.engine import Engine  # noqa: E402
 from grft_serve.core.package import package_bytes  # noqa: E402
 from grft_serve.testing import random_package  # noqa: E402
@@ -80,7 +81,7 @@ def expected(app, tid, raws):
     kind, pkg, _ = app.pkgs[tid]
     n = len(pkg.meta.labels)
     inputs = [pil(x) for x in raws] if kind == "vit" else raws
-    return app.ref[kind].predict(inputs, [tid] * len(raws), top_k=n)
+    return predict(app.ref[kind], inputs, [tid] * len(raws), top_k=n)
 
 
 def infer(app, tid, values, binary=True, outputs=None, **kw):

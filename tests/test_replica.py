@@ -9,6 +9,8 @@ import torch
 
 from app_fixtures import SEED, VIT_CFG, build_local_backbone, make_text_model, png_bytes, text_cfg
 from grft_serve.app import BackboneServer
+from grft_serve.app.answers import predict
+from grft_serve.app.messages import PredictCall, PredictInput
 from grft_serve.app.replica import Chunk
 from grft_serve.engine import Engine
 from grft_serve.core.package import package_bytes
@@ -45,16 +47,15 @@ def run(coro):
 
 
 def request(versions, tasks, seeds, top_k=3):
-    return {"items": [{"task": t, "version": versions.get(t), "input": png_bytes(s)} for t, s in zip(tasks, seeds)],
-            "top_k": top_k}
+    return PredictCall([PredictInput(t, versions.get(t), png_bytes(s)) for t, s in zip(tasks, seeds)], top_k)
 
 
 def test_request_answers_in_order_and_match_the_engine(vit_server):
     srv, _, _, versions, ref = vit_server
     tasks = ["a", "b", "a", "c", "b", "a", "c"]  # > max_batch_size: split into chunks, order kept
     seeds = list(range(10, 17))
-    got = run(srv.predict(request(versions, tasks, seeds)))["predictions"]
-    want = ref.predict([pil(png_bytes(s)) for s in seeds], tasks, top_k=3)
+    got = run(srv.predict(request(versions, tasks, seeds))).predictions
+    want = predict(ref, [pil(png_bytes(s)) for s in seeds], tasks, top_k=3)
     assert [g["task"] for g in got] == tasks
     for g, w in zip(got, want):
         assert g["label"] == w["label"] and abs(g["score"] - w["score"]) < 1e-5
@@ -67,26 +68,25 @@ def test_bad_input_fails_only_its_request(vit_server):
 
     async def go():
         good = [srv.predict(request(versions, ["a", "b"], [1, 2])) for _ in range(3)]
-        bad = srv.predict({"items": [{"task": "a", "version": versions["a"], "input": png_bytes(3)},
-                                     {"task": "a", "version": versions["a"], "input": b"\x89PNG\r\n\x1a\nbroken"}],
-                           "top_k": 2})
+        bad = srv.predict(PredictCall([PredictInput("a", versions["a"], png_bytes(3)),
+                                       PredictInput("a", versions["a"], b"\x89PNG\r\n\x1a\nbroken")], top_k=2))
         return await asyncio.gather(bad, *good)
 
     bad, *good = run(go())
-    assert bad["error"]["status"] == 422 and bad["index"] == 1
-    assert all("predictions" in g and len(g["predictions"]) == 2 for g in good)
+    assert bad.error.status == 422 and bad.error.index == 1
+    assert all(g.error is None and len(g.predictions) == 2 for g in good)
 
 
 def test_a_failing_chunk_is_isolated_from_the_rest_of_its_batch(vit_server):
     """A merged batch that raises is re-run request by request: only the broken one fails."""
     srv, _, _, _, ref = vit_server
-    good = srv.prepare_inputs([{"task": "a", "version": None, "input": png_bytes(5)}], 2)[0][1]
+    good = srv.prepare_inputs([PredictInput("a", None, png_bytes(5))], 2)[0][1]
     broken = Chunk(torch.full((1, 3, 7, 7), float("nan")), ["a"], good.prep_key, 2)  # wrong shape: forward raises
     out = srv.run_chunks([good, broken, good])
-    assert "answers" in out[0] and "answers" in out[2]
-    assert out[1]["error"]["status"] == 500 and "Tensor" not in out[1]["error"]["message"]
-    want = ref.predict([pil(png_bytes(5))], ["a"], top_k=2)[0]
-    assert out[0]["answers"][0]["label"] == want["label"]
+    assert out[0].error is None and out[2].error is None
+    assert out[1].error.status == 500 and "Tensor" not in out[1].error.message
+    want = predict(ref, [pil(png_bytes(5))], ["a"], top_k=2)[0]
+    assert out[0].predictions[0]["label"] == want["label"]
 
 
 def test_lazy_load_new_version_and_delete(vit_server):
@@ -94,18 +94,18 @@ def test_lazy_load_new_version_and_delete(vit_server):
     bb = build_local_backbone(VIT_CFG)
     p1, p2 = random_package(bb, "live", seed=41), random_package(bb, "live", seed=42)
     v1 = store.put("live", package_bytes(p1))
-    assert run(srv.predict(request({"live": v1}, ["live"], [1])))["predictions"][0]["version"] == v1
+    assert run(srv.predict(request({"live": v1}, ["live"], [1]))).predictions[0]["version"] == v1
     v2 = store.put("live", package_bytes(p2), replace=True)
-    assert run(srv.predict(request({"live": v2}, ["live"], [1])))["predictions"][0]["version"] == v2
+    assert run(srv.predict(request({"live": v2}, ["live"], [1]))).predictions[0]["version"] == v2
     store.delete("live")  # the ingress stops routing at once; the replica frees it at its next sync
     assert srv.sync()["removed"] == ["live"]
     assert "live" not in {t.task_id for t in srv.engine.tasks()}
     res = run(srv.predict(request({"live": v2}, ["live"], [1])))
-    assert res["error"]["status"] == 404
+    assert res.error.status == 404
     # a stored package that fails validation is refused (422), and the others keep working
     store.put("junk", b"not a package at all")
-    assert run(srv.predict(request({}, ["junk"], [1])))["error"]["code"] == "broken_task"
-    assert "predictions" in run(srv.predict(request(versions, ["a"], [1])))
+    assert run(srv.predict(request({}, ["junk"], [1]))).error.code == "broken_task"
+    assert run(srv.predict(request(versions, ["a"], [1]))).error is None
 
 
 def test_text_requests_of_different_lengths_share_one_padded_batch(tmp_path):
@@ -117,16 +117,16 @@ def test_text_requests_of_different_lengths_share_one_padded_batch(tmp_path):
                          {"path": str(tmp_path / "store")}, {}, sync_interval_s=3600)
     try:
         texts = ["good", "the movie was not very fun at all", "a bad plot"]
-        chunks = [srv.prepare_inputs([{"task": "t", "version": v, "input": x}], 3)[0][1] for x in texts]
+        chunks = [srv.prepare_inputs([PredictInput("t", v, x)], 3)[0][1] for x in texts]
         merged = srv.run_chunks(chunks)  # one forward, right-padded to the longest text
         ref = Engine(build_local_backbone(text_cfg(path), None))
         ref.register(store.get("t"))
         for x, m in zip(texts, merged):
-            want = ref.predict([x], ["t"], top_k=3)[0]
-            got = m["answers"][0]
+            want = predict(ref, [x], ["t"], top_k=3)[0]
+            got = m.predictions[0]
             assert got["batch_size"] == 3
             assert got["label"] == want["label"] and abs(got["score"] - want["score"]) < 1e-4
-        bad = run(srv.predict({"items": [{"task": "t", "version": v, "input": "fine"}], "top_k": 1}))
-        assert "predictions" in bad
+        bad = run(srv.predict(PredictCall([PredictInput("t", v, "fine")], top_k=1)))
+        assert bad.error is None and len(bad.predictions) == 1
     finally:
         srv.close()

@@ -10,6 +10,7 @@ import pytest
 from app_fixtures import SEED, VIT_CFG, build_local_backbone
 from grft_serve.app import metrics as M
 from grft_serve.app import BackboneServer
+from grft_serve.app.answers import predict
 from grft_serve.app.residency import STALE_S, ResidencyView, StateDir
 from grft_serve.core.package import package_bytes
 from grft_serve.store import DirectoryTaskStore
@@ -82,7 +83,7 @@ def test_residency_gauge_and_cache_counters_are_capped_per_task(two):
     srv = srvs[0]
     for t in ["a", "c", "d", "e"]:  # 4 tasks held, cap 2: two labelled, the rest under 'other'
         srv.ensure_task(t, None)
-    srv.engine.predict([_img()] * 2, ["a", "c"])
+    predict(srv.engine, [_img()] * 2, ["a", "c"])
     srv.sync()
     snap = M.snapshot()
     labelled = srv.residency.labels.labelled()

@@ -12,11 +12,14 @@
              task store (a directory, shared between nodes on a cluster) ◄── register / delete
 
 Layout: :mod:`.config` (pydantic models), :mod:`.schemas` (API models, the one error type),
-:mod:`.inputs` (base64 / image / text checks and the one decode), :mod:`.bodies` (the JSON value
-budget before parsing), :mod:`.guard` (auth, body limits), :mod:`.proxy` (the header cap),
-:mod:`.index` (the task index), :mod:`.prepare` (a request's decode + preprocessing, in slices),
-:mod:`.runnable` (can the base run a task's preprocessing), :mod:`.replica` (the backbone server, a
-plain class), :mod:`.api` + :mod:`.ingress` (FastAPI routes), :mod:`.build` (``build_app``).
+:mod:`.messages` (the typed ingress <-> replica messages), :mod:`.inputs` (base64 / image / text
+checks and the one decode), :mod:`.bodies` (the JSON value budget before parsing), :mod:`.guard`
+(auth, body and input limits), :mod:`.proxy` (the header cap), :mod:`.index` (the task index),
+:mod:`.dispatch` (the one object every route calls: task → backbone, one call per backbone),
+:mod:`.prepare` (a request's decode + preprocessing, in slices), :mod:`.answers` (logits → answers),
+:mod:`.runnable` (can the base run a task's preprocessing), :mod:`.replica_core` + :mod:`.replica` /
+:mod:`.generation` (the backbone servers, plain classes), :mod:`.api` + :mod:`.ingress` (``/v1``),
+:mod:`.oip` (``/v2``), :mod:`.openai_api` (FastAPI routes), :mod:`.build` (``build_app``).
 """
 from .build import app_from_config, build_app
 from .config import AppConfig, BackboneDeploymentConfig, Limits, StoreConfig, make_store

@@ -26,7 +26,7 @@ import logging
 from typing import AsyncIterator
 
 from ..engine import GenerationInputError, TextGenerator, UnknownTaskError
-from .messages import ChoiceEvent, GenerateCall, GenerateEvents, GenerateStarted
+from .messages import CallError, ChoiceEvent, GenerateCall, GenerateEvents, GenerateStarted
 from .replica_core import ReplicaCore
 from .schemas import ApiError
 
@@ -97,8 +97,7 @@ class GenerationServer(ReplicaCore):
         try:
             seqs, prompt_tokens = await loop.run_in_executor(self._pool, self._plan, call)
         except ApiError as e:
-            yield GenerateStarted(error={"status": e.status, "code": e.code, "message": e.message,
-                                         "param": e.extra.get("param")})
+            yield GenerateStarted(error=e.call_error())
             return
         q: asyncio.Queue = asyncio.Queue()
         reqs = []
@@ -110,8 +109,8 @@ class GenerationServer(ReplicaCore):
         except UnknownTaskError:  # deleted between the plan and now
             for r in reqs:
                 self.generator.cancel(r.rid)
-            yield GenerateStarted(error={"status": 404, "code": "model_not_found", "param": "model",
-                                         "message": f"the model {call.task!r} does not exist"})
+            yield GenerateStarted(error=CallError(404, "model_not_found", f"the model {call.task!r} does not exist",
+                                                  param="model"))
             return
         try:
             yield GenerateStarted(prompt_tokens, len(seqs), call.version, self.replica)

@@ -9,6 +9,9 @@
   parsed until the whole body is in; a JSON body over its value budget is refused before it is parsed
   (:mod:`.bodies`), and large JSON is parsed off the event loop. Multipart bodies (package uploads,
   image files) go through starlette's form parser with the files, fields and part sizes bounded.
+* **Inputs**: a predict request's input count and ``top_k`` are bounded, and every input is checked
+  (base64, image header or text: :func:`~.inputs.check_input`) before anything runs — off the event
+  loop when the request carries images over :data:`INLINE_CHECK_BYTES`.
 """
 from __future__ import annotations
 
@@ -23,11 +26,13 @@ from fastapi import Request
 
 from .bodies import check_json_budget, header_int
 from .config import AppConfig
+from .inputs import check_input
 from .schemas import ApiError
 
-__all__ = ["MULTIPART_SLACK", "Guard"]
+__all__ = ["INLINE_CHECK_BYTES", "MULTIPART_SLACK", "Guard"]
 
 MULTIPART_SLACK = 1 << 20  # multipart framing allowed beyond the payload caps
+INLINE_CHECK_BYTES = 64 << 10  # smaller inputs are checked on the event loop (a thread hop costs more)
 
 
 class Guard:
@@ -170,3 +175,29 @@ class Guard:
         finally:
             await form.close()
         return inputs, top_k
+
+    # -- inputs ------------------------------------------------------------------------------------
+    def check_count(self, n: int) -> None:
+        if n == 0:
+            raise ApiError(422, "no_inputs", "no inputs given")
+        if n > self.limits.max_inputs_per_request:
+            raise ApiError(413, "too_many_inputs",
+                           f"{n} inputs in one request; the limit is {self.limits.max_inputs_per_request}")
+
+    def check_top_k(self, k: Any) -> int:
+        """``top_k`` as an int >= 1, capped at ``max_top_k``."""
+        try:
+            k = int(k)
+        except (TypeError, ValueError):
+            raise ApiError(422, "invalid_request", f"top_k must be an integer, got {k!r}") from None
+        if k < 1:
+            raise ApiError(422, "invalid_request", "top_k must be >= 1")
+        return min(k, self.limits.max_top_k)
+
+    async def check_inputs(self, kinds: list[str], raw: list[Any], encoded: bool) -> list[Any]:
+        """Every input checked for its backbone's ``kinds[i]`` (``encoded``: images as base64 strings)
+        → the checked inputs (image bytes or texts)."""
+        def run():
+            return [check_input(k, x, i, self.limits, encoded) for i, (k, x) in enumerate(zip(kinds, raw))]
+        size = sum(len(x) for x in raw if isinstance(x, (str, bytes)))
+        return await asyncio.to_thread(run) if "image" in kinds and size > INLINE_CHECK_BYTES else run()

@@ -3,7 +3,10 @@
 A plain class whose routes live on :data:`~grft_serve.app.api.api`; ``serve.ingress`` and
 ``serve.deployment`` are applied in :mod:`grft_serve.app.build`. Each request is checked whole
 (auth and size from the headers, then every input's base64 and image header or text) before anything
-runs; then ALL inputs of the request that go to one backbone travel in ONE call.
+runs (:class:`~.guard.Guard`); then ALL inputs of the request that go to one backbone travel in ONE
+call. Every route — these ``/v1`` routes, ``/v2`` (:class:`~.oip.OipRoutes`) and the OpenAI routes
+(:class:`~.openai_api.OpenAIRoutes`) — resolves tasks and calls the replicas through the ingress's one
+:class:`~.dispatch.Dispatcher`.
 
 Consistency: a registration is fully validated by the target backbone deployment, then written to the
 store atomically (a new id can be written once: concurrent registrations of one new id get one 201 and
@@ -21,28 +24,37 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import ValidationError
 
-from . import metrics as M
 from ..core.package import PackageError, peek_meta
 from ..store import TaskExistsError, TaskNotFoundError
+from . import metrics as M
+from . import task_metrics
 from .api import api, pyd_error
 from .config import AppConfig, make_store
+from .dispatch import Dispatcher
 from .guard import Guard
-from .index import StoredTask, TaskIndex, is_miss
-from .inputs import check_input
+from .index import StoredTask, TaskIndex
+from .messages import PredictInput
 from .oip import OipRoutes
 from .openai_api import OpenAIRoutes
 from .proxy import HeaderLimit
 from .residency import ResidencyView, StateDir
-from .schemas import (ERR, ERRORS_PREDICT, ERRORS_READ, ApiError, BatchPredictRequest, PredictRequest,
-                      PredictResponse, TaskList, TaskOut)
-from . import task_metrics
+from .schemas import (
+    ERR,
+    ERRORS_PREDICT,
+    ERRORS_READ,
+    ApiError,
+    BatchPredictRequest,
+    PredictRequest,
+    PredictResponse,
+    TaskList,
+    TaskOut,
+)
 
 __all__ = ["Ingress"]
 
 log = logging.getLogger("grft_serve.app")
 
 LIST_LIMIT, MAX_LIST_LIMIT = 100, 1000  # GET /v1/tasks page size: default, largest
-_INLINE_CHECK_BYTES = 64 << 10  # smaller inputs are checked on the event loop (a thread hop costs more)
 _PREDICT_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": PredictRequest.model_json_schema()},
     "multipart/form-data": {"schema": {"type": "object", "properties": {
@@ -56,70 +68,29 @@ _REGISTER_BODY = {"requestBody": {"required": True, "content": {"multipart/form-
 
 
 class Ingress(OipRoutes, OpenAIRoutes):
+    """The ``/v1`` routes; ``/v2`` and the OpenAI routes come from the mixins. All of them reach the
+    replicas through :attr:`dispatcher` only (and check requests with :attr:`guard`)."""
+
     def __init__(self, config: dict, backbones: dict):
         self.cfg = AppConfig(**config)
         self.limits = self.cfg.limits
         HeaderLimit.default_limit = self.limits.max_header_bytes  # the ingress app's own header cap
         self.guard = Guard(self.cfg)
-        self.handles = backbones  # name -> DeploymentHandle
         self.store = make_store(self.cfg.store)
         self.index = TaskIndex(self.store, ttl_s=self.cfg.task_cache_ttl_s)
         self.residency = ResidencyView(StateDir.for_store(self.store))  # pins + what each replica holds
+        self.dispatcher = Dispatcher(backbones, self.index, self.residency, self.cfg.sync_interval_s)
         task_metrics.configure(self.cfg.metrics_task_label_cap)
-        self._info: dict[str, dict] | None = None
-        self._info_lock = asyncio.Lock()
-
-    # -- backbones ------------------------------------------------------------------------------
-    async def backbones(self) -> dict[str, dict]:
-        if self._info is None:
-            async with self._info_lock:
-                if self._info is None:
-                    infos = await asyncio.gather(*(h.info.remote() for h in self.handles.values()))
-                    self._info = {i["name"]: i for i in infos}
-        return self._info
-
-    async def _backbone_for(self, fingerprint: str | None, kind: str = "classification") -> str | None:
-        """The backbone serving tasks of ``kind`` on the base with ``fingerprint`` (a causal LM and its
-        classification body share one fingerprint: the kind tells their deployments apart)."""
-        for name, info in (await self.backbones()).items():
-            if info["fingerprint"] == fingerprint and info.get("task_kind", "classification") == kind:
-                return name
-        return None
 
     async def _task_out(self, e: StoredTask) -> dict:
         m = e.meta
         kind = m.get("kind", "classification")
         return {"task_id": e.task_id, "version": e.version, "kind": kind,
-                "backbone": await self._backbone_for(e.fingerprint, kind), "base_model_id": m.get("base_model_id", ""), "base_fingerprint": m.get("base_fingerprint", ""),
+                "backbone": await self.dispatcher.backbone_for(e.fingerprint, kind),
+                "base_model_id": m.get("base_model_id", ""), "base_fingerprint": m.get("base_fingerprint", ""),
                 "mode": m.get("mode", ""), "labels": m.get("labels", []), "num_params": e.num_params,
                 "bytes": e.bytes, "metrics": m.get("metrics", {}), "preprocessing": m.get("preprocessing", {}),
                 "created": m.get("created"), **self.residency.of(e.task_id)}
-
-    async def _entry(self, tid: str, force: bool = False) -> StoredTask:
-        """One task's store entry: the index's while fresh (no I/O), else ONE entry read off the loop."""
-        e = None if force else self.index.cached(tid)
-        if force or is_miss(e):
-            e = await asyncio.to_thread(self.index.refresh, tid)
-        if e is None:
-            raise ApiError(404, "unknown_task", f"unknown task {tid!r}")
-        if e.broken:
-            raise ApiError(422, "broken_task", f"stored task {tid!r} cannot be read: {e.broken}")
-        return e
-
-    async def _resolve(self, tid: str) -> tuple[str, str]:
-        """(backbone, version) of a stored task; 404 unknown, 422 broken, 409 no backbone has its base."""
-        if not isinstance(tid, str):
-            raise ApiError(422, "invalid_request", "a task id must be a string")
-        e = await self._entry(tid)
-        if e.meta.get("kind", "classification") != "classification":
-            raise ApiError(422, "task_kind_mismatch", f"task {tid!r} is a {e.meta.get('kind')} task: it has no "
-                                                      "classifier (use /v1/completions or /v1/chat/completions)")
-        bb = await self._backbone_for(e.fingerprint)
-        if bb is None:
-            raise ApiError(409, "no_backbone", f"task {tid!r} needs base {e.meta.get('base_model_id')} "
-                                               "which no backbone of this app serves")
-        task_metrics.note(tid)
-        return bb, e.version
 
     # -- endpoints: ops -------------------------------------------------------------------------------
     @api.get("/healthz", summary="Liveness/readiness", tags=["ops"])
@@ -127,7 +98,7 @@ class Ingress(OipRoutes, OpenAIRoutes):
         """`200 {"status": "ok"}` once every backbone deployment answered (`503` otherwise); the
         backbones and task count are shown to callers that may read."""
         try:
-            infos = await asyncio.wait_for(self.backbones(), timeout=10)
+            infos = await asyncio.wait_for(self.dispatcher.backbones(), timeout=10)
         except Exception:  # noqa: BLE001
             raise ApiError(503, "unavailable", "backbones not ready") from None
         try:
@@ -153,9 +124,9 @@ class Ingress(OipRoutes, OpenAIRoutes):
              responses=ERRORS_READ)
     async def list_backbones(self, request: Request) -> dict:
         self.guard.reader(request)
-        infos = await self.backbones()
-        stats = await asyncio.gather(*(self.handles[n].stats.remote() for n in infos))
-        return {"backbones": [{**infos[n], "stats": s} for n, s in zip(infos, stats)]}
+        infos = await self.dispatcher.backbones()
+        stats = await self.dispatcher.stats()
+        return {"backbones": [{**info, "stats": stats[n]} for n, info in infos.items()]}
 
     @api.get("/metrics", summary="Prometheus metrics (grft_* of this node)", tags=["ops"],
              response_class=PlainTextResponse, responses=ERRORS_READ)
@@ -198,15 +169,16 @@ class Ingress(OipRoutes, OpenAIRoutes):
             meta = await asyncio.to_thread(peek_meta, data, limit)
         except PackageError as e:
             raise ApiError(e.status, e.code, e.message) from None
-        bb = await self._backbone_for(meta.base_fingerprint, meta.kind)
-        other = None if bb is not None else next((n for n, i in (await self.backbones()).items()
+        infos = await self.dispatcher.backbones()
+        bb = await self.dispatcher.backbone_for(meta.base_fingerprint, meta.kind)
+        other = None if bb is not None else next((n for n, i in infos.items()
                                                   if i["fingerprint"] == meta.base_fingerprint), None)
         if other is not None:
             raise ApiError(422, "task_kind_mismatch", f"task {meta.task_id!r} is a {meta.kind} package; backbone "
                                                       f"{other} of its base serves "
-                                                      f"{(await self.backbones())[other].get('task_kind')} tasks")
+                                                      f"{infos[other].get('task_kind')} tasks")
         if bb is None:
-            names = ", ".join(f"{n} ({i['model_id']}, {i['fingerprint']})" for n, i in (await self.backbones()).items())
+            names = ", ".join(f"{n} ({i['model_id']}, {i['fingerprint']})" for n, i in infos.items())
             raise ApiError(409, "base_fingerprint_mismatch",
                            f"package was trained on base {meta.base_model_id} with fingerprint "
                            f"{meta.base_fingerprint}; no backbone of this app has it (serving: {names})")
@@ -217,9 +189,7 @@ class Ingress(OipRoutes, OpenAIRoutes):
         if existing is None and await asyncio.to_thread(self.index.count) >= self.limits.max_tasks:
             raise ApiError(409, "too_many_tasks", f"the store holds {self.limits.max_tasks} tasks, the limit; "
                                                   "delete one first")
-        res = await self.handles[bb].validate.remote(data)
-        if not res["ok"]:
-            raise ApiError(res["status"], res["code"], res["message"])
+        res = await self.dispatcher.validate(bb, data)
         try:
             version = await asyncio.to_thread(self.store.put, tid, data, replace)
         except TaskExistsError:
@@ -227,7 +197,7 @@ class Ingress(OipRoutes, OpenAIRoutes):
                 from None
         entry = await asyncio.to_thread(self.index.refresh, tid)
         if entry is None or entry.version != version:  # replaced or deleted meanwhile: answer what we stored
-            entry = StoredTask(tid, version, res["meta"], res["num_params"], len(data))
+            entry = StoredTask(tid, version, res.meta, res.num_params, len(data))
         log.info("registered task %s version %s on backbone %s", tid, version, bb)
         return await self._task_out(entry)
 
@@ -253,7 +223,7 @@ class Ingress(OipRoutes, OpenAIRoutes):
              responses={**ERRORS_READ, 404: ERR, 422: ERR})
     async def get_task(self, task_id: str, request: Request):
         self.guard.reader(request)
-        return await self._task_out(await self._entry(task_id, force=True))
+        return await self._task_out(await self.dispatcher.entry(task_id, force=True))
 
     @api.delete("/v1/tasks/{task_id}", summary="Delete a task", tags=["tasks"],
                 responses={401: ERR, 403: ERR, 404: ERR})
@@ -277,19 +247,19 @@ class Ingress(OipRoutes, OpenAIRoutes):
         """JSON `{"inputs": [...], "top_k": 5}` (texts, or base64 / data-URL images) or a multipart
         upload of image files (any field name). One answer per input, in order."""
         self.guard.reader(request)
-        bb, version = await self._resolve(task_id)
-        kind = (await self.backbones())[bb]["kind"]
+        route = await self.dispatcher.resolve(task_id)
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            raw, top_k = await self.guard.multipart_inputs(request, kind)
+            raw, top_k = await self.guard.multipart_inputs(request, route.kind)
             encoded = False
         else:
-            req = self._model(PredictRequest, await self.guard.json(request, self.limits.max_request_bytes))
+            req = _model(PredictRequest, await self.guard.json(request, self.limits.max_request_bytes))
             raw, top_k, encoded = req.inputs, req.top_k, True
-        self._check_count(len(raw))
-        top_k = self._check_top_k(top_k)
-        inputs = await self._check_inputs([kind] * len(raw), raw, encoded)
-        items = [{"task": task_id, "version": version, "input": x} for x in inputs]
-        return JSONResponse({"predictions": await self._dispatch([bb] * len(items), items, top_k)})
+        self.guard.check_count(len(raw))
+        top_k = self.guard.check_top_k(top_k)
+        inputs = await self.guard.check_inputs([route.kind] * len(raw), raw, encoded)
+        items = [PredictInput(task_id, route.version, x) for x in inputs]
+        return JSONResponse({"predictions": await self.dispatcher.predict([route.backbone] * len(items), items,
+                                                                          top_k)})
 
     @api.post("/v1/predict", response_model=PredictResponse, summary="Predict a batch of items for many tasks",
               tags=["predict"], responses=ERRORS_PREDICT,
@@ -300,69 +270,23 @@ class Ingress(OipRoutes, OpenAIRoutes):
         backbones) are batched together with all concurrent traffic. All items are checked before any
         runs; one bad item rejects the request."""
         self.guard.reader(request)
-        body = self._model(BatchPredictRequest, await self.guard.json(request, self.limits.max_request_bytes))
-        self._check_count(len(body.items))
-        top_k = self._check_top_k(body.top_k)
-        bbs, versions = [], []
+        body = _model(BatchPredictRequest, await self.guard.json(request, self.limits.max_request_bytes))
+        self.guard.check_count(len(body.items))
+        top_k = self.guard.check_top_k(body.top_k)
+        routes = []
         for i, it in enumerate(body.items):
             try:
-                bb, version = await self._resolve(it.task)
+                routes.append(await self.dispatcher.resolve(it.task))
             except ApiError as e:
                 raise ApiError(e.status, e.code, f"item {i}: {e.message}") from None
-            bbs.append(bb)
-            versions.append(version)
-        infos = await self.backbones()
-        inputs = await self._check_inputs([infos[b]["kind"] for b in bbs], [it.input for it in body.items], True)
-        items = [{"task": it.task, "version": v, "input": x} for it, v, x in zip(body.items, versions, inputs)]
-        return JSONResponse({"predictions": await self._dispatch(bbs, items, top_k)})
+        inputs = await self.guard.check_inputs([r.kind for r in routes], [it.input for it in body.items], True)
+        items = [PredictInput(it.task, r.version, x) for it, r, x in zip(body.items, routes, inputs)]
+        return JSONResponse({"predictions": await self.dispatcher.predict([r.backbone for r in routes], items,
+                                                                          top_k)})
 
-    # -- predict helpers ---------------------------------------------------------------------------------
-    @staticmethod
-    def _model(model, body: Any):
-        try:
-            return model.model_validate(body)
-        except ValidationError as e:
-            raise pyd_error(e) from None
 
-    def _check_count(self, n: int) -> None:
-        if n == 0:
-            raise ApiError(422, "no_inputs", "no inputs given")
-        if n > self.limits.max_inputs_per_request:
-            raise ApiError(413, "too_many_inputs",
-                           f"{n} inputs in one request; the limit is {self.limits.max_inputs_per_request}")
-
-    def _check_top_k(self, k: Any) -> int:
-        try:
-            k = int(k)
-        except (TypeError, ValueError):
-            raise ApiError(422, "invalid_request", f"top_k must be an integer, got {k!r}") from None
-        if k < 1:
-            raise ApiError(422, "invalid_request", "top_k must be >= 1")
-        return min(k, self.limits.max_top_k)
-
-    async def _check_inputs(self, kinds: list[str], raw: list[Any], encoded: bool) -> list[Any]:
-        """Every input checked (base64, image header / text) before anything runs; off the event loop
-        when images are involved."""
-        def run():
-            return [check_input(k, x, i, self.limits, encoded) for i, (k, x) in enumerate(zip(kinds, raw))]
-        size = sum(len(x) for x in raw if isinstance(x, (str, bytes)))
-        return await asyncio.to_thread(run) if "image" in kinds and size > _INLINE_CHECK_BYTES else run()
-
-    async def _dispatch(self, bbs: list[str], items: list[dict], top_k: int) -> list[dict]:
-        """ONE call per backbone with all of this request's inputs for it; answers back in order."""
-        task_metrics.note_inputs(items)
-        groups: dict[str, list[int]] = {}
-        for i, b in enumerate(bbs):
-            groups.setdefault(b, []).append(i)
-        calls = [self.handles[b].predict.remote({"items": [items[i] for i in idx], "top_k": top_k})
-                 for b, idx in groups.items()]
-        results = await asyncio.gather(*calls)
-        out: list[dict | None] = [None] * len(items)
-        for idx, res in zip(groups.values(), results):
-            if "error" in res:
-                j = res.get("index")
-                where = f"item {idx[j]}: " if j is not None and len(items) > 1 else ""
-                raise ApiError.from_item(res, where)
-            for i, p in zip(idx, res["predictions"]):
-                out[i] = p
-        return out  # type: ignore[return-value]
+def _model(model, body: Any):
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise pyd_error(e) from None

@@ -27,15 +27,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 
 import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from .. import __version__
-from ..core.package import valid_task_id
 from .api import api
+from .dispatch import Route
+from .messages import PredictInput
 from .oip_codec import HEADER, infer_response, input_name, model_metadata, parse_infer
 from .schemas import ApiError
 
@@ -58,15 +58,14 @@ def _routes(method, suffix: str = "", **kw):
 
 
 class OipRoutes:
-    """Mixed into the ingress: uses its guard, task resolution, input checks and dispatch."""
+    """Mixed into the ingress: uses only its ``dispatcher``, ``guard`` and ``limits``."""
 
-    async def _oip_model(self, task: str, version: str | None) -> tuple[str, str, dict, dict]:
-        """(backbone, version, task metadata, backbone info); statuses as ``/v1``, 404 for another version."""
-        bb, v = await self._resolve(task)
-        if version not in (None, "", v):
-            raise ApiError(404, "unknown_version", f"task {task!r} is at version {v}, not {version!r}")
-        e = await self._entry(task)
-        return bb, v, e.meta, (await self.backbones())[bb]
+    async def _oip_model(self, task: str, version: str | None) -> Route:
+        """The task's route; statuses as ``/v1``, 404 for another version."""
+        route = await self.dispatcher.resolve(task)
+        if version not in (None, "", route.version):
+            raise ApiError(404, "unknown_version", f"task {task!r} is at version {route.version}, not {version!r}")
+        return route
 
     # -- server -----------------------------------------------------------------------------------
     @api.get("/v2/health/live", tags=_TAGS, summary="Liveness")
@@ -76,7 +75,7 @@ class OipRoutes:
     @api.get("/v2/health/ready", tags=_TAGS, summary="Readiness: every backbone deployment answered")
     async def oip_ready(self) -> dict:
         try:
-            await asyncio.wait_for(self.backbones(), timeout=10)
+            await asyncio.wait_for(self.dispatcher.backbones(), timeout=10)
         except Exception:  # noqa: BLE001
             raise ApiError(503, "unavailable", "backbones not ready") from None
         return {"ready": True}
@@ -91,40 +90,42 @@ class OipRoutes:
     @_routes(api.get, summary="Model (task) metadata")
     async def oip_model(self, task: str, request: Request, version: str | None = None) -> dict:
         self.guard.reader(request)
-        _, v, meta, info = await self._oip_model(task, version)
-        return model_metadata(task, v, info["kind"], len(meta.get("labels", [])))
+        r = await self._oip_model(task, version)
+        return model_metadata(task, r.version, r.kind, len(r.entry.meta.get("labels", [])))
 
     @_routes(api.get, "/ready", summary="Model (task) readiness")
     async def oip_model_ready(self, task: str, request: Request, version: str | None = None) -> dict:
         self.guard.reader(request)
-        _, v, _, _ = await self._oip_model(task, version)
-        return {"name": task, "version": v, "ready": True}
+        r = await self._oip_model(task, version)
+        return {"name": task, "version": r.version, "ready": True}
 
     @_routes(api.get, "/config", summary="Model (task) configuration")
     async def oip_model_config(self, task: str, request: Request, version: str | None = None) -> dict:
         self.guard.reader(request)
-        bb, v, meta, info = await self._oip_model(task, version)
-        md = model_metadata(task, v, info["kind"], len(meta.get("labels", [])))
-        return {"name": task, "platform": "grft", "backbone": bb, "base_model_id": meta.get("base_model_id", ""),
+        r = await self._oip_model(task, version)
+        meta = r.entry.meta
+        md = model_metadata(task, r.version, r.kind, len(meta.get("labels", [])))
+        return {"name": task, "platform": "grft", "backbone": r.backbone,
+                "base_model_id": meta.get("base_model_id", ""),
                 "max_batch_size": self.limits.max_inputs_per_request, "labels": meta.get("labels", []),
                 "input": md["inputs"], "output": md["outputs"]}
 
     @_routes(api.post, "/infer", summary="Inference (JSON or binary tensor data)")
     async def oip_infer(self, task: str, request: Request, version: str | None = None) -> Response:
         self.guard.reader(request)
-        bb, v, meta, info = await self._oip_model(task, version)
-        kind, labels = info["kind"], meta.get("labels", [])
+        r = await self._oip_model(task, version)
+        kind, labels = r.kind, r.entry.meta.get("labels", [])
         body = await self.guard.body(request, self.limits.max_request_bytes)
         header = request.headers.get(HEADER)
         args = (body, header, input_name(kind), self.limits)
         req = await asyncio.to_thread(parse_infer, *args) if len(body) > 65536 else parse_infer(*args)
-        self._check_count(len(req.values))
+        self.guard.check_count(len(req.values))
         raw = req.values
         if req.binary and kind == "text":
             raw = [_utf8(x, i) for i, x in enumerate(raw)]
-        inputs = await self._check_inputs([kind] * len(raw), raw, not req.binary)
-        items = [{"task": task, "version": v, "input": x} for x in inputs]
-        preds = await self._dispatch([bb] * len(items), items, len(labels))
+        inputs = await self.guard.check_inputs([kind] * len(raw), raw, not req.binary)
+        items = [PredictInput(task, r.version, x) for x in inputs]
+        preds = await self.dispatcher.predict([r.backbone] * len(items), items, len(labels))
         col = {lab: j for j, lab in enumerate(labels)}
         probs = np.zeros((len(preds), len(labels)), dtype=np.float32)
         for i, p in enumerate(preds):
@@ -143,8 +144,8 @@ class OipRoutes:
         self.guard.reader(request)
         body = await self._small_json(request)
         ready_only = isinstance(body, dict) and body.get("ready") is True
-        entries = await asyncio.to_thread(self.index.snapshot)
-        fps = {i["fingerprint"] for i in (await self.backbones()).values()}
+        entries = await self.dispatcher.tasks()
+        fps = {i["fingerprint"] for i in (await self.dispatcher.backbones()).values()}
         out = []
         for tid, e in sorted(entries.items()):
             reason = e.broken or ("" if e.fingerprint in fps else "no backbone of this app serves its base")
@@ -160,10 +161,7 @@ class OipRoutes:
         in LRU eviction) until it is unloaded or deleted."""
         self.guard.admin(request)
         await self._repository_body(request)
-        bb, _ = await self._resolve(task)
-        state = self._pin_state()
-        await asyncio.to_thread(state.pin, task)
-        await self._await_replicas(task, bb, True)
+        await self.dispatcher.pin(task)
         return {}
 
     @api.post("/v2/repository/models/{task}/unload", tags=_TAGS, summary="Unpin a task on every replica")
@@ -171,24 +169,8 @@ class OipRoutes:
         """Releases the pin: the task stays registered and servable, and goes back to the LRU tiers."""
         self.guard.admin(request)
         await self._repository_body(request)
-        state = self._pin_state()
-        if not valid_task_id(task):
-            raise ApiError(404, "unknown_task", f"unknown task {task!r}")
-        had = await asyncio.to_thread(state.unpin, task)
-        e = await asyncio.to_thread(self.index.get, task)
-        if e is None:
-            if had:
-                return {}  # the task was deleted; its pin is gone now
-            raise ApiError(404, "unknown_task", f"unknown task {task!r}")
-        bb = await self._backbone_for(e.fingerprint, e.meta.get("kind", "classification"))
-        if bb is not None and not e.broken:
-            await self._await_replicas(task, bb, False)
+        await self.dispatcher.unpin(task)
         return {}
-
-    def _pin_state(self):
-        if self.residency.state is None:
-            raise ApiError(501, "not_supported", "this app's task store keeps no pins (a directory store does)")
-        return self.residency.state
 
     async def _small_json(self, request: Request):
         """An optional small JSON body (empty: ``{}``)."""
@@ -201,15 +183,6 @@ class OipRoutes:
         if isinstance(params, dict) and any(k == "config" or k.startswith("file:") for k in params):
             raise ApiError(400, "not_supported", "loading a model from a config or files is not supported: "
                                                  "register task packages with POST /v1/tasks")
-
-    async def _await_replicas(self, task: str, backbone: str, pinned: bool) -> None:
-        """Wait (bounded: a few sync intervals) until every live replica of ``backbone`` applied the pin."""
-        deadline = time.monotonic() + 3 * self.cfg.sync_interval_s + 5
-        while not await asyncio.to_thread(self.residency.applied, task, backbone, pinned):
-            if time.monotonic() > deadline:
-                log.warning("task %s: not every replica of %s reports pinned=%s yet", task, backbone, pinned)
-                return
-            await asyncio.sleep(min(0.2, self.cfg.sync_interval_s / 4))
 
 
 def _utf8(x: bytes, i: int) -> str:

@@ -14,7 +14,8 @@ backbone's own name (or ``name:task``, OpenAI/vLLM-style) selects it without / w
 auth and body limits as ``/v1``.
 
 One call per request: the whole request (all prompts × ``n``) goes to one generation replica as a
-:class:`~grft_serve.app.messages.GenerateCall`, which streams back one :class:`GenerateStarted`
+:class:`~grft_serve.app.messages.GenerateCall` (through the ingress's
+:class:`~grft_serve.app.dispatch.Dispatcher`, like every route), which streams back one :class:`GenerateStarted`
 (prompt token counts, or the error that stops it before any token) and then batches of
 :class:`GenerateEvents` (text deltas per choice; several tokens per item when they come faster than
 the hop). A client that disconnects cancels the stream: the replica cancels its sequences and their KV
@@ -22,7 +23,6 @@ blocks are freed.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -34,8 +34,17 @@ from pydantic import ValidationError
 
 from .api import OPENAI_PATHS, api
 from .messages import GenerateCall, GenerateEvents, GenerateStarted
-from .openai_schemas import (ChatRequest, CompletionRequest, chat_chunk, chat_response, completion_chunk,
-                             completion_response, model_card, new_id, usage)
+from .openai_schemas import (
+    ChatRequest,
+    CompletionRequest,
+    chat_chunk,
+    chat_response,
+    completion_chunk,
+    completion_response,
+    model_card,
+    new_id,
+    usage,
+)
 from .schemas import ApiError
 
 __all__ = ["OPENAI_PATHS", "OpenAIRoutes"]
@@ -57,44 +66,16 @@ def _sse(obj: Any) -> bytes:
 
 
 class OpenAIRoutes:
-    """Route handlers mixed into the ingress; they use its ``guard``, ``index``, ``limits``,
-    ``handles`` and ``backbones()``."""
-
-    # -- model resolution ---------------------------------------------------------------------------
-    async def _generation_backbones(self) -> dict[str, dict]:
-        return {n: i for n, i in (await self.backbones()).items() if i.get("task_kind") == "generation"}
-
-    async def _resolve_model(self, model: str) -> tuple[str, str | None, str | None]:
-        """(backbone, task id or None, version or None) of an OpenAI ``model`` string."""
-        gen = await self._generation_backbones()
-        if model in gen:
-            return model, None, None
-        base, sep, task = model.partition(":")
-        if sep and base in gen:
-            model = task
-        entry = await asyncio.to_thread(self.index.get, model)
-        if entry is None:
-            raise ApiError(404, "model_not_found", f"the model {model!r} does not exist", param="model")
-        if entry.broken:
-            raise ApiError(422, "broken_task", f"stored task {model!r} cannot be read: {entry.broken}", param="model")
-        kind = entry.meta.get("kind", "classification")
-        if kind != "generation":
-            raise ApiError(400, "unsupported_model", f"task {model!r} is a {kind} task: it does not generate text "
-                                                     "(use /v1/tasks/{id}/predict)", param="model")
-        bb = next((n for n, i in gen.items() if i["fingerprint"] == entry.fingerprint), None)
-        if bb is None or (sep and bb != base):
-            raise ApiError(404, "model_not_found", f"no generation backbone of this app serves the base of {model!r}",
-                           param="model")
-        return bb, model, entry.version
+    """Route handlers mixed into the ingress; they use only its ``dispatcher``, ``guard`` and ``limits``."""
 
     # -- routes ---------------------------------------------------------------------------------------
     @api.get("/v1/models", summary="Generation models: bases and tasks (OpenAI list)", tags=_TAGS)
     async def openai_models(self, request: Request):
         self.guard.reader(request)
-        gen = await self._generation_backbones()
+        gen = await self.dispatcher.generation_backbones()
         data = [model_card(n, None, i["model_id"], None, task_kind="generation") for n, i in sorted(gen.items())]
         by_fp = {i["fingerprint"]: n for n, i in gen.items()}
-        entries = await asyncio.to_thread(self.index.snapshot)
+        entries = await self.dispatcher.tasks()
         for tid, e in sorted(entries.items()):
             if e.broken is None and e.meta.get("kind") == "generation" and e.fingerprint in by_fp:
                 data.append(model_card(tid, e.meta.get("created"), gen[by_fp[e.fingerprint]]["model_id"],
@@ -105,7 +86,7 @@ class OpenAIRoutes:
     async def openai_completions(self, request: Request):
         self.guard.reader(request)
         req = await self._openai_body(request, CompletionRequest)
-        bb, task, version = await self._resolve_model(req.model)
+        bb, task, version = await self.dispatcher.resolve_model(req.model)
         call = GenerateCall(task=task, version=version, prompts=req.prompts, messages=None, **self._sampling(req))
         return await self._generate(bb, call, req, chat=False)
 
@@ -113,7 +94,7 @@ class OpenAIRoutes:
     async def openai_chat(self, request: Request):
         self.guard.reader(request)
         req = await self._openai_body(request, ChatRequest)
-        bb, task, version = await self._resolve_model(req.model)
+        bb, task, version = await self.dispatcher.resolve_model(req.model)
         call = GenerateCall(task=task, version=version, prompts=None, messages=req.plain_messages(),
                             **{**self._sampling(req), "max_tokens": req.token_budget})
         return await self._generate(bb, call, req, chat=True)
@@ -148,16 +129,7 @@ class OpenAIRoutes:
                 "stop": list(req.stop), "seed": req.seed}
 
     async def _generate(self, bb: str, call: GenerateCall, req, chat: bool):
-        gen = self.handles[bb].options(stream=True).generate.remote(call)
-        try:
-            first: GenerateStarted = await gen.__anext__()
-        except BaseException:
-            gen.cancel()
-            raise
-        if first.error is not None:
-            gen.cancel()
-            raise ApiError(first.error["status"], first.error["code"], first.error["message"],
-                           param=first.error.get("param"))
+        gen, first = await self.dispatcher.generate(bb, call)
         rid, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
         if req.stream:
             return StreamingResponse(self._sse(gen, first, rid, created, req, chat), media_type="text/event-stream",

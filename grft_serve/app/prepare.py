@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from .config import Limits
 from .inputs import decoded_bytes, load_image, open_image
+from .messages import PredictInput
 from .schemas import ApiError
 
 __all__ = ["SLICE_S", "Chunk", "Prepare", "collate", "prep_key"]
@@ -88,13 +89,14 @@ def _indexed(i: int, fn, *args):
 
 
 class Prepare:
-    """One request's inputs → ``groups``: ``[(input indices, Chunk)]``, one per preprocessing.
+    """One request's inputs (a :class:`~.messages.PredictCall`'s items) → ``groups``:
+    ``[(input indices, Chunk)]``, one per preprocessing.
 
     ``engine``: the replica's engine (tasks' preprocessing); ``ensure_task(task, version)`` loads a
     task; call :meth:`step` until :attr:`done` (ApiErrors carry the input's ``index``)."""
 
     def __init__(self, engine, kind: str, limits: Limits, ensure_task: Callable[[str, str | None], None],
-                 items: list[dict], top_k: int):
+                 items: list[PredictInput], top_k: int):
         self.engine, self.kind, self.limits, self.ensure_task = engine, kind, limits, ensure_task
         self.items, self.top_k = items, top_k
         self.cancel = threading.Event()
@@ -117,7 +119,7 @@ class Prepare:
         while self._todo:
             key, prep, idx = self._todo[0]
             if self.kind != "image":
-                self._finish(key, idx, self._preprocess([self.items[i]["input"] for i in idx], prep, idx[0]))
+                self._finish(key, idx, self._preprocess([self.items[i].input for i in idx], prep, idx[0]))
                 continue
             first = self._decoded
             part = self._preprocess(self._decode(idx, t0), prep, idx[first])  # ONE call per slice
@@ -147,14 +149,14 @@ class Prepare:
                 return
 
     def _start(self) -> None:
-        for tid, version in dict.fromkeys((it["task"], it.get("version")) for it in self.items):
+        for tid, version in dict.fromkeys((it.task, it.version) for it in self.items):
             self.ensure_task(tid, version)
         by_prep: dict[str, tuple[dict, list[int]]] = {}
         for i, it in enumerate(self.items):
             try:
-                prep = self.engine.task(it["task"]).meta.preprocessing
+                prep = self.engine.task(it.task).meta.preprocessing
             except KeyError:
-                raise ApiError(404, "unknown_task", f"unknown task {it['task']!r}", index=i) from None
+                raise ApiError(404, "unknown_task", f"unknown task {it.task!r}", index=i) from None
             by_prep.setdefault(prep_key(prep), (prep, []))[1].append(i)
         self._todo = [(k, p, idx) for k, (p, idx) in by_prep.items()]
         if self.kind != "image":
@@ -163,7 +165,7 @@ class Prepare:
         for _, prep, idx in self._todo:
             side = self.engine.backbone.min_decode_side(prep)
             for i in idx:
-                img = _indexed(i, open_image, self.items[i]["input"], self.limits, i, side)
+                img = _indexed(i, open_image, self.items[i].input, self.limits, i, side)
                 self._images[i] = img
                 total += decoded_bytes(img)
                 if total > self.limits.max_decoded_bytes:
@@ -181,5 +183,5 @@ class Prepare:
                            index=index) from None
 
     def _finish(self, key: str, idx: list[int], batch: Any) -> None:
-        self.groups.append((idx, Chunk(batch, [self.items[i]["task"] for i in idx], key, self.top_k)))
+        self.groups.append((idx, Chunk(batch, [self.items[i].task for i in idx], key, self.top_k)))
         self._todo.pop(0)

@@ -3,7 +3,7 @@
 A plain class (``serve.deployment`` is applied in :mod:`grft_serve.app.build`), so it runs and is
 tested without Ray Serve. One call = the inputs of ONE HTTP request for this backbone::
 
-    predict({"items": [{"task", "version", "input"}, ...], "top_k": k})
+    predict(PredictCall([PredictInput(task, version, input), ...], top_k))
       │ decode + preprocess in a thread pool (never under the engine lock; overlaps the forward
       │ of the batch before), grouped by the tasks' preprocessing, image by image, in slices that
       │ interleave requests (:mod:`.prepare`); a cancelled call stops its decode
@@ -11,7 +11,10 @@ tested without Ray Serve. One call = the inputs of ONE HTTP request for this bac
     chunks of <= max_batch_size inputs ──► @serve.batch(batch_size_fn = inputs in the chunks)
       │ chunks of concurrent requests are merged up to max_batch_size INPUTS (not calls)
       ▼
-    Engine.run(one merged batch) → answers + a BatchReport (path, tasks, cache hits/misses/evictions)
+    Engine.run(one merged batch) → logits + versions + a BatchReport (path, tasks, cache hits/misses/evictions)
+      │ answers built here, per chunk with its request's top_k (:mod:`.answers`)
+      ▼
+    PredictResult: one answer per input in input order, or the CallError of the first failing input
 
 A request's chunks are answered in order and each answer names the task version that computed it.
 Isolation: an input that cannot be decoded fails only its own request (before batching); if a merged
@@ -26,8 +29,8 @@ and reload it), and serves it only if the base can run its preprocessing (:mod:`
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-import math
 import time
 
 from ray import serve
@@ -35,10 +38,12 @@ from ray.serve.exceptions import RayServeException
 
 from ..core.package import PreprocessingUnrunnableError, TaskPackage
 from . import metrics as M
+from .answers import answers, first_non_finite
+from .messages import CallError, PredictCall, PredictInput, PredictResult
 from .prepare import Chunk, Prepare, collate
 from .replica_core import ReplicaCore
 from .runnable import RunnableCheck
-from .schemas import ApiError, error_item
+from .schemas import ApiError
 
 __all__ = ["BackboneServer", "Chunk", "collate"]
 
@@ -80,12 +85,11 @@ class BackboneServer(ReplicaCore):
         return {**super().stats(), "decode_aborts": dict(self.decode_aborts)}
 
     # -- predict ----------------------------------------------------------------------------------
-    async def predict(self, request: dict) -> dict:
-        """All inputs of one request for this backbone → ``{"predictions": [...]}`` in input order, or
-        ``{"error": {...}, "index": i}`` for the first input that could not be served."""
+    async def predict(self, call: PredictCall) -> PredictResult:
+        """All inputs of one request for this backbone → their answers in input order, or the error
+        of the first input that could not be served (its ``index`` within ``call.items``)."""
         t0 = time.perf_counter()
-        items, top_k = request["items"], int(request.get("top_k", 5))
-        job = Prepare(self.engine, self.kind, self.limits, self.ensure_task, items, top_k)
+        job = Prepare(self.engine, self.kind, self.limits, self.ensure_task, call.items, call.top_k)
         loop = asyncio.get_running_loop()
         try:
             while not job.done:  # one slice at a time: other requests' slices queue in between
@@ -95,25 +99,24 @@ class BackboneServer(ReplicaCore):
             self.decode_aborts["cancelled"] += 1
             raise
         except ApiError as e:
-            return {**e.item(), "index": e.extra.get("index")}
-        groups = job.groups
+            return PredictResult(error=e.call_error())
         chunks, order = [], []
-        for idx, chunk in groups:
+        for idx, chunk in job.groups:
             for s, part in chunk.split(self.spec.max_batch_size):
                 chunks.append(part)
                 order.append(idx[s])
         results = await asyncio.gather(*(self._batched(c) for c in chunks))
-        out: list[dict | None] = [None] * len(items)
+        out: list[dict | None] = [None] * len(call.items)
         for idx, res in zip(order, results):
-            if "error" in res:
-                M.inc("grft_predict_errors", len(items), self.tags)
-                return {"error": res["error"], "index": idx[res.get("at", 0)]}
-            for i, answer in zip(idx, res["answers"]):
+            if res.error is not None:
+                M.inc("grft_predict_errors", len(call.items), self.tags)
+                return PredictResult(error=dataclasses.replace(res.error, index=idx[res.error.index or 0]))
+            for i, answer in zip(idx, res.predictions):
                 out[i] = answer
         M.observe("grft_request_in_replica_ms", (time.perf_counter() - t0) * 1e3, self.tags)
-        return {"predictions": out}
+        return PredictResult(out)  # type: ignore[arg-type]
 
-    def prepare_inputs(self, items: list[dict], top_k: int) -> list[tuple[list[int], Chunk]]:
+    def prepare_inputs(self, items: list[PredictInput], top_k: int) -> list[tuple[list[int], Chunk]]:
         """Decode and preprocess one request's inputs at once (see :class:`~.prepare.Prepare`)."""
         job = Prepare(self.engine, self.kind, self.limits, self.ensure_task, items, top_k)
         while not job.done:
@@ -124,21 +127,22 @@ class BackboneServer(ReplicaCore):
         """Inside Serve: ``@serve.batch`` counting INPUTS (``batch_size_fn``), so chunks of concurrent
         requests merge up to ``max_batch_size`` inputs. Outside Serve (unit tests, embedding the class
         elsewhere) each chunk runs as its own batch."""
-        async def run(chunks: list[Chunk]) -> list[dict]:
+        async def run(chunks: list[Chunk]) -> list[PredictResult]:
             return await asyncio.to_thread(self.run_chunks, chunks)
 
         try:
             serve.get_replica_context()
         except RayServeException:
-            async def single(chunk: Chunk) -> dict:
+            async def single(chunk: Chunk) -> PredictResult:
                 return (await run([chunk]))[0]
             return single
         return serve.batch(max_batch_size=self.spec.max_batch_size, batch_wait_timeout_s=self.spec.batch_wait_timeout_s,
                            batch_size_fn=_n_inputs)(run)
 
-    def run_chunks(self, chunks: list[Chunk]) -> list[dict]:
-        """Run chunks of several requests as one forward per preprocessing; isolate failures."""
-        out: list[dict | None] = [None] * len(chunks)
+    def run_chunks(self, chunks: list[Chunk]) -> list[PredictResult]:
+        """Run chunks of several requests as one forward per preprocessing; isolate failures (an
+        error's ``index`` is the input within its chunk)."""
+        out: list[PredictResult | None] = [None] * len(chunks)
         by_prep: dict[str, list[int]] = {}
         for j, c in enumerate(chunks):
             by_prep.setdefault(c.prep_key, []).append(j)
@@ -154,36 +158,36 @@ class BackboneServer(ReplicaCore):
                     try:
                         out[j] = self._forward([chunks[j]])[0]
                     except ApiError as e:
-                        out[j] = e.item()
+                        out[j] = PredictResult(error=e.call_error())
                     except Exception:  # noqa: BLE001
                         log.exception("backbone %s: request failed", self.name)
-                        out[j] = error_item(500, "internal", "the backbone failed on this request")
+                        out[j] = PredictResult(error=CallError(500, "internal", "the backbone failed on this request"))
         return out  # type: ignore[return-value]
 
-    def _forward(self, chunks: list[Chunk]) -> list[dict]:
-        """One forward for ``chunks``: per chunk ``{"answers": [...]}``, or an error item (with ``at``, the
-        input within the chunk) when an input's scores are not finite."""
+    def _forward(self, chunks: list[Chunk]) -> list[PredictResult]:
+        """One forward for ``chunks``; per chunk its answers (its request's ``top_k``), or the error of
+        its first input whose scores are not finite numbers."""
         t0 = time.perf_counter()
         batch = collate([c.batch for c in chunks], self._pad_id)
         tids = [t for c in chunks for t in c.task_ids]
         try:
-            res = self.engine.run(batch, tids, top_k=max(c.top_k for c in chunks))
+            res = self.engine.run(batch, tids)
         except KeyError as e:  # a task was deleted between its request's check and this batch
             raise ApiError(404, "unknown_task", str(e)) from None
         rep = res.report
         n_tasks = len(rep.tasks)
+        labels = {t: info.meta.labels for t, info in res.infos.items()}
         extra = {"backbone": self.name, "replica": self.replica, "batch_size": len(tids), "batch_tasks": n_tasks}
         out, pos = [], 0
         for c in chunks:
-            part = res.answers[pos:pos + len(c)]
+            part = answers(res.logits[pos:pos + len(c)], c.task_ids, res.versions[pos:pos + len(c)], labels, c.top_k)
             pos += len(c)
-            bad = next((k for k, a in enumerate(part) if not all(math.isfinite(t["score"]) for t in a["top_k"])), None)
+            bad = first_non_finite(part)
             if bad is not None:
-                err = error_item(422, "non_finite_result", f"task {part[bad]['task']!r} gives scores that are "
-                                                           "not finite numbers for this input")
-                out.append({**err, "at": bad})
+                why = f"task {part[bad]['task']!r} gives scores that are not finite numbers for this input"
+                out.append(PredictResult(error=CallError(422, "non_finite_result", why, index=bad)))
                 continue
-            out.append({"answers": [{**a, "top_k": a["top_k"][:c.top_k], **extra} for a in part]})
+            out.append(PredictResult([{**a, **extra} for a in part]))
         M.inc("grft_batches", 1, {**self.tags, "path": rep.path})
         M.observe("grft_batch_size", len(tids), self.tags)
         M.observe("grft_tasks_per_batch", n_tasks, self.tags)
@@ -192,4 +196,3 @@ class BackboneServer(ReplicaCore):
             M.inc(f"grft_{c}", getattr(rep, c), self.tags)
         M.observe("grft_batch_latency_ms", (time.perf_counter() - t0) * 1e3, self.tags)
         return out
-

@@ -34,6 +34,7 @@ from ..store import TaskNotFoundError, content_version
 from . import metrics as M
 from .config import BackboneDeploymentConfig, Limits, make_store
 from .index import TaskIndex
+from .messages import CallError, ValidateResult
 from .residency import ReplicaResidency
 from .runnable import TEMP_PREFIX
 from .schemas import ApiError
@@ -189,7 +190,7 @@ class ReplicaCore:
                 "tasks": {t.task_id: t.version for t in self.engine.tasks()}, "last_sync": self.last_sync,
                 "metrics": M.snapshot()}
 
-    async def validate(self, data: bytes) -> dict:
+    async def validate(self, data: bytes) -> ValidateResult:
         """Fully validate a package against this base, and that it can be served here
         (:meth:`check_package`); nothing stays registered."""
         def run():
@@ -197,6 +198,6 @@ class ReplicaCore:
                 pkg = self.engine.validate(data)
                 self.check_package(pkg)
             except PackageError as e:
-                return {"ok": False, "status": e.status, "code": e.code, "message": e.message}
-            return {"ok": True, "num_params": pkg.num_params(), "meta": json.loads(pkg.meta.model_dump_json())}
+                return ValidateResult(error=CallError(e.status, e.code, e.message))
+            return ValidateResult(json.loads(pkg.meta.model_dump_json()), pkg.num_params())
         return await asyncio.get_running_loop().run_in_executor(self._pool, run)

@@ -55,7 +55,7 @@ class RunnableCheck:
     def check_registered(self, task_id: str) -> None:
         """The task the engine holds under ``task_id`` can run (dry run under its own id)."""
         prep = self.engine.task(task_id).meta.preprocessing
-        self._check(prep, lambda batch: self.engine.run(batch, [task_id], top_k=1))
+        self._check(prep, lambda batch: self.engine.run(batch, [task_id]))
 
     def check_package(self, pkg: TaskPackage) -> None:
         """A validated package not registered here can run (dry run under a temporary id)."""
@@ -64,7 +64,7 @@ class RunnableCheck:
             tmp = TaskPackage(meta, pkg.deltas, pkg.head_weight, pkg.head_bias)
             self.engine.register(tmp)
             try:
-                self.engine.run(batch, [meta.task_id], top_k=1)
+                self.engine.run(batch, [meta.task_id])
             finally:
                 self.engine.unregister(meta.task_id)
         self._check(pkg.meta.preprocessing, run)

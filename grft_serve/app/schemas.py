@@ -1,8 +1,9 @@
 """The HTTP contract: request / response models (OpenAPI) and the ONE error type of the HTTP layer.
 
 Every error leaves the app as ``{"error": {"code": str, "message": str, ...}}`` with a 4xx status
-(5xx only for faults of the server, whose messages never echo library internals). Backbone replicas
-return :func:`error_item` dicts across the Ray call; :meth:`ApiError.from_item` turns them back.
+(5xx only for faults of the server, whose messages never echo library internals). Across the Ray call
+an error travels as a :class:`~.messages.CallError` (:meth:`ApiError.call_error`); the ingress turns it
+back with :meth:`ApiError.from_call`.
 """
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ApiError", "error_item", "ErrorBody", "ErrorResponse", "TaskOut", "BrokenTask", "TaskList", "TopK",
+from .messages import CallError
+
+__all__ = ["ApiError", "ErrorBody", "ErrorResponse", "TaskOut", "BrokenTask", "TaskList", "TopK",
            "Prediction", "PredictResponse", "PredictRequest", "PredictItem", "BatchPredictRequest", "ERR",
            "ERRORS_READ", "ERRORS_PREDICT"]
 
@@ -30,18 +33,15 @@ class ApiError(Exception):
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
-    def item(self) -> dict:
-        """This error as a plain dict that crosses a Ray call (see :func:`error_item`)."""
-        return error_item(self.status, self.code, self.message)
+    def call_error(self) -> CallError:
+        """This error as it crosses a Ray call (``param`` and the input ``index`` from ``extra``)."""
+        return CallError(self.status, self.code, self.message, self.extra.get("param"), self.extra.get("index"))
 
     @classmethod
-    def from_item(cls, err: dict, prefix: str = "") -> "ApiError":
-        e = err["error"]
-        return cls(e["status"], e["code"], f"{prefix}{e['message']}")
-
-
-def error_item(status: int, code: str, message: str) -> dict:
-    return {"error": {"status": status, "code": code, "message": message}}
+    def from_call(cls, err: CallError, prefix: str = "") -> "ApiError":
+        """The HTTP error of a replica's :class:`~.messages.CallError` (``prefix``: e.g. which item)."""
+        extra = {} if err.param is None else {"param": err.param}
+        return cls(err.status, err.code, f"{prefix}{err.message}", **extra)
 
 
 class ErrorBody(BaseModel):

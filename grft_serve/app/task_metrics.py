@@ -1,9 +1,10 @@
 """Request metrics of the ingress: every request by route, method and status (``grft_requests``,
 ``grft_request_latency_ms``), and per task: requests, errors, inputs and latency.
 
-One pure ASGI middleware (:class:`RequestMetrics`, no per-request task group) opens a per-request record (a context variable, so the route code needs no
-request object to write to it); the ingress notes each task a request resolves (:func:`note`) and
-the inputs it sends to a backbone (:func:`note_inputs`). When the response has gone, a request to a
+One pure ASGI middleware (:class:`RequestMetrics`, no per-request task group) opens a per-request
+record (a context variable, so the route code needs no request object to write to it); the
+dispatcher notes each task a request resolves (:func:`note`) and the inputs it sends to a backbone
+(:func:`note_inputs`). When the response has gone, a request to a
 predict route counts once for every task it named: ``grft_task_requests``, ``grft_task_errors``
 (status >= 400, wherever it failed: auth aside, after the task resolved), ``grft_task_inputs`` and
 ``grft_task_latency_ms`` (the whole request). Unknown task ids never become labels (they are not
@@ -37,9 +38,10 @@ def note(task_id: str, inputs: int = 0) -> None:
         acc[task_id] = acc.get(task_id, 0) + inputs
 
 
-def note_inputs(items: list[dict]) -> None:
+def note_inputs(items: list) -> None:
+    """Count one input for the task of each item (:class:`~.messages.PredictInput`)."""
     for it in items:
-        note(it["task"], 1)
+        note(it.task, 1)
 
 
 def record(tasks: dict[str, int], status: int, ms: float) -> None:
@@ -76,7 +78,8 @@ class RequestMetrics:
             ms = (time.perf_counter() - t0) * 1e3
             route = getattr(scope.get("route"), "path", None)
             endpoint = route or "unmatched"
-            M.inc("grft_requests", 1, {"endpoint": endpoint, "method": scope.get("method", ""), "status": str(status[0])})
+            M.inc("grft_requests", 1, {"endpoint": endpoint, "method": scope.get("method", ""),
+                                       "status": str(status[0])})
             M.observe("grft_request_latency_ms", ms, {"endpoint": endpoint})
             if acc and route in PREDICT_ROUTES:
                 record(acc, status[0], ms)

@@ -15,7 +15,6 @@ package (a task's forms, where weights are written) is :mod:`grft_serve.engine`'
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -85,7 +84,14 @@ class BatchReport:
 
 @dataclass
 class BatchResult:
-    answers: list[dict]
+    """What :meth:`Engine.run` computed for one batch: per sample its ``logits`` (float32, CPU; each
+    task has its own classes) and the ``versions`` of its task that computed them; ``infos``: the
+    registration of each task of the batch as of the forward (its labels are the columns of its
+    logits); ``report``: what the engine did. Turning logits into answers is the caller's part."""
+
+    logits: list[torch.Tensor]
+    versions: list[str]
+    infos: dict[str, TaskInfo]
     report: BatchReport
 
 
@@ -269,21 +275,14 @@ class Engine:
     # -- forward --------------------------------------------------------------------------------
     def forward(self, batch: Any, task_ids: Sequence[str],
                 path: Path_ = "auto") -> tuple[list[torch.Tensor], list[str]]:
-        """Logits per sample (float32, CPU; each task has its own classes) and the task versions used.
-
-        ``batch`` is a preprocessed batch (see :meth:`Backbone.preprocess`) of ``len(task_ids)``.
-        """
-        logits, versions, _ = self._execute(batch, task_ids, path)
-        return logits, versions
-
-    def run(self, batch: Any, task_ids: Sequence[str], top_k: int = 5, path: Path_ = "auto") -> BatchResult:
-        """Answers for a preprocessed ``batch`` (possibly several requests merged) and a report of
-        what the engine did for it."""
-        logits, versions, report = self._execute(batch, task_ids, path)
-        return BatchResult(self._answers(logits, task_ids, versions, top_k), report)
+        """Logits per sample (float32, CPU; each task has its own classes) and the task versions used."""
+        res = self.run(batch, task_ids, path)
+        return res.logits, res.versions
 
     @torch.inference_mode()
-    def _execute(self, batch: Any, task_ids: Sequence[str], path: Path_):
+    def run(self, batch: Any, task_ids: Sequence[str], path: Path_ = "auto") -> BatchResult:
+        """Run a preprocessed ``batch`` (see :meth:`Backbone.preprocess`; possibly several requests
+        merged) of ``len(task_ids)`` samples: logits, versions and a report of what the engine did."""
         t0 = time.perf_counter()
         n = Backbone.batch_len(batch)
         if n != len(task_ids):
@@ -295,13 +294,14 @@ class Engine:
                                "patches weights under the decoder)")
         unique = list(dict.fromkeys(task_ids))
         if not unique:
-            return [], [], BatchReport("patch", [], 0, seconds=time.perf_counter() - t0)
+            return BatchResult([], [], {}, BatchReport("patch", [], 0, seconds=time.perf_counter() - t0))
         pos = {t: i for i, t in enumerate(unique)}
         use_patch = path == "patch" or (path == "auto" and len(unique) == 1)
         runner = self.patch if use_patch else self.override
         report = BatchReport(runner.name, unique, n)
         with self._lock, self.cache.use(unique) as (res, usage):
             versions = [self.cache.version(t) for t in task_ids]
+            infos = {t: self.task(t) for t in unique}  # after the loads: a reload may have updated them
             batch = Backbone.batch_to(batch, self.device, self.dtype)
             logits, report.slot_loads = runner.run(batch, unique, res, [pos[t] for t in task_ids])
             report.cache_hits, report.cache_misses = usage.hits, usage.misses
@@ -314,38 +314,7 @@ class Engine:
             c["cache_misses"] += usage.misses
             c["cache_evictions"] += usage.evictions
         report.seconds = time.perf_counter() - t0
-        return logits, versions, report
-
-    def _answers(self, logits: Sequence[torch.Tensor], task_ids: Sequence[str], versions: Sequence[str],
-                 top_k: int) -> list[dict]:
-        out = []
-        for lg, tid, ver in zip(logits, task_ids, versions):
-            info = self._tasks.get(tid)
-            labels = info.meta.labels if info is not None else [str(i) for i in range(lg.numel())]
-            p = lg.softmax(-1)
-            sc, ix = p.topk(min(top_k, p.numel()))
-            out.append({"task": tid, "version": ver, "label": labels[int(ix[0])], "score": float(sc[0]),
-                        "top_k": [{"label": labels[int(i)], "score": float(s)} for s, i in zip(sc, ix)]})
-        return out
-
-    def predict(self, raw_inputs: Sequence[Any], task_ids: Sequence[str], top_k: int = 5,
-                path: Path_ = "auto") -> list[dict]:
-        """Preprocess raw inputs (PIL images / strings) the way each task was trained, and :meth:`run`
-        them (tasks sharing a preprocessing — the usual case — share one batch)."""
-        by_prep: dict[str, list[int]] = {}
-        preps: dict[str, dict] = {}
-        for i, t in enumerate(task_ids):
-            prep = self.task(t).meta.preprocessing
-            key = json.dumps(prep, sort_keys=True, default=str)
-            by_prep.setdefault(key, []).append(i)
-            preps[key] = prep
-        out: list = [None] * len(task_ids)
-        for key, idx in by_prep.items():
-            batch = self.backbone.preprocess([raw_inputs[i] for i in idx], preps[key])
-            res = self.run(batch, [task_ids[i] for i in idx], top_k=top_k, path=path)
-            for j, i in enumerate(idx):
-                out[i] = res.answers[j]
-        return out
+        return BatchResult(logits, versions, infos, report)
 
     def stats(self) -> dict:
         """Counters and tier sizes (does not wait for a running batch)."""
