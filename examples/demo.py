@@ -35,6 +35,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo_generation as gen  # noqa: E402
+
 console = Console(stderr=True, soft_wrap=True)  # a log file gets whole lines, not 80-column wraps
 
 
@@ -65,7 +66,6 @@ BACKBONES = {
 
 def _missing(task: DemoTask) -> list[str]:
     from grft_serve.core.backbones import zoo
-
     from grft_train.data import fashion_mnist_dir, rotten_tomatoes_path
 
     have = zoo.available()
@@ -95,7 +95,8 @@ def train(task: DemoTask, out: Path) -> None:
     sel = d / "selection.safetensors"
     console.rule(f"[bold]train {task.name}[/] ({task.config})")
     s = _cli(["select", "-c", task.config, "--set", f"select.out={sel}"])
-    console.print(f"selected {s['selected_pct']} % of backbone weights in {s['modules']} matrices ({s['seconds']:.0f} s); "
+    console.print(f"selected {s['selected_pct']} % of backbone weights in {s['modules']} matrices "
+                  f"({s['seconds']:.0f} s); "
                   f"heat-map: {sel.with_suffix('.png')}")
     f = _cli(["fit", "-c", task.config, "--set", f"fit.selection={sel}", "--set", f"fit.out_dir={d}"])
     task.fit, task.package = f, f["package"]

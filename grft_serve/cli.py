@@ -333,8 +333,8 @@ def export(package: Path = typer.Argument(..., help="a .grft.safetensors task pa
     import torch
 
     from .core.backbones import BackboneError, load_backbone
-    from .export import export_onnx
     from .core.package import PackageError
+    from .export import export_onnx
 
     cfg = _backbone_spec(backbone) if backbone else _package_backbone(package)
     try:

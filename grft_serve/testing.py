@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from .core.backbones import Backbone
-from .core.spec import iter_patchable
 from .core.package import PackageMeta, TaskPackage
 from .core.rowop import COLUMN, ROW, ModuleDelta
+from .core.spec import iter_patchable
 
 __all__ = ["random_package", "reference_forward"]
 

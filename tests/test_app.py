@@ -17,11 +17,22 @@ import torch
 
 pytest.importorskip("ray.serve")
 
-from app_fixtures import (VIT_CFG, app_config, b64, build_local_backbone, free_port,  # noqa: E402
-                          make_text_model, png_bytes, run_app, start_ray, text_cfg)
+from app_fixtures import (  # noqa: E402
+    VIT_CFG,
+    app_config,
+    b64,
+    build_local_backbone,
+    free_port,
+    make_text_model,
+    png_bytes,
+    run_app,
+    start_ray,
+    text_cfg,
+)
+
 from grft_serve.app.answers import predict as engine_predict  # noqa: E402
-from grft_serve.engine import Engine  # noqa: E402
 from grft_serve.core.package import package_bytes  # noqa: E402
+from grft_serve.engine import Engine  # noqa: E402
 from grft_serve.testing import random_package  # noqa: E402
 
 ADMIN = "test-admin-token"

@@ -20,9 +20,10 @@ openai = pytest.importorskip("openai")
 
 from app_fixtures import free_port, make_text_model, run_app, start_ray, text_cfg  # noqa: E402
 from gen_fixtures import make_task, make_tiny_lm, merged_tokens  # noqa: E402
+
 from grft_serve.core import package as P  # noqa: E402
 from grft_serve.core.backbones import CausalLMBackbone  # noqa: E402
-from grft_serve.core.generation import GenerationMeta, chat_ids, prompt_ids  # noqa: E402
+from grft_serve.core.generation import chat_ids, prompt_ids  # noqa: E402
 from grft_serve.testing import random_package  # noqa: E402
 
 ADMIN = "gen-admin-token"

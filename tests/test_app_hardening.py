@@ -19,8 +19,19 @@ import requests
 
 pytest.importorskip("ray.serve")
 
-from app_fixtures import (VIT_CFG, app_config, b64, build_local_backbone, free_port,  # noqa: E402
-                          make_text_model, png_bytes, run_app, start_ray, text_cfg)
+from app_fixtures import (  # noqa: E402
+    VIT_CFG,
+    app_config,
+    b64,
+    build_local_backbone,
+    free_port,
+    make_text_model,
+    png_bytes,
+    run_app,
+    start_ray,
+    text_cfg,
+)
+
 from grft_serve.core.package import package_bytes  # noqa: E402
 from grft_serve.testing import random_package  # noqa: E402
 
@@ -132,7 +143,8 @@ def test_bad_inputs_are_4xx(app):
     r = requests.post(f"{app}/v1/predict", data=b'{"items": [{"task": "img1", "input": "abc\\ud800def"}]}',
                       headers={**R, "Content-Type": "application/json"})
     assert r.status_code in (400, 422)
-    r = requests.post(f"{app}/v1/tasks/img1/predict", data=b"{not json", headers={**R, "Content-Type": "application/json"})
+    r = requests.post(f"{app}/v1/tasks/img1/predict", data=b"{not json",
+                      headers={**R, "Content-Type": "application/json"})
     assert r.status_code == 400 and err(r) == "bad_json"
 
 

@@ -4,8 +4,16 @@ import pytest
 import torch
 from torch import nn
 
-from grft_serve.core.backbones import (Backbone, BackboneConfig, BackboneError, ModuleBackbone, create_backbone,
-                                       load_backbone, register_backbone, registered_backbones)
+from grft_serve.core.backbones import (
+    Backbone,
+    BackboneConfig,
+    BackboneError,
+    ModuleBackbone,
+    create_backbone,
+    load_backbone,
+    register_backbone,
+    registered_backbones,
+)
 
 
 def test_builtin_families_are_registered():

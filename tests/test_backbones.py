@@ -2,15 +2,13 @@
 import pytest
 import torch
 
-from grft_serve.core.backbones import zoo
-from grft_serve.core.backbones import BackboneError, TimmBackbone, load_backbone
+from grft_serve.core.backbones import BackboneError, TimmBackbone, load_backbone, zoo
 
 
 def test_timm_weights_file_round_trip(tmp_path):
     """A ViT's weights saved to a local safetensors file load through pretrained_cfg_overlay."""
-    from safetensors.torch import save_file
-
     import timm
+    from safetensors.torch import save_file
 
     torch.manual_seed(3)
     kw = dict(img_size=32, patch_size=8, depth=2)
@@ -86,8 +84,8 @@ def test_text_task_longer_than_the_models_positions_is_refused(tmp_path):
     """A package may ask for at most as many tokens as the served model can embed (422, not a
     failing batch later)."""
     import pytest
-
     from app_fixtures import build_local_backbone, make_text_model, text_cfg
+
     from grft_serve.core.package import PreprocessingMismatchError, package_bytes
     from grft_serve.engine import Engine
     from grft_serve.testing import random_package
@@ -106,9 +104,9 @@ def test_text_task_longer_than_the_models_positions_is_refused(tmp_path):
 def test_default_max_length_never_exceeds_the_models_positions():
     """A small model's own position limit caps the backbone's default token budget, so packages
     trained on it (which record that budget) register on it."""
-    from grft_serve.engine import Engine
     from test_engine import tiny_bert, tiny_llama
 
+    from grft_serve.engine import Engine
     from grft_serve.testing import random_package
 
     for make in (tiny_bert, tiny_llama):

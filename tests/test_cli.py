@@ -172,8 +172,8 @@ def test_up_deploys_like_serve_run(tmp_path):
     import requests
     import torch
     import yaml
-
     from app_fixtures import free_port, png_bytes
+
     from grft_serve.core.backbones import load_backbone
     from grft_serve.core.package import save_package
     from grft_serve.testing import random_package

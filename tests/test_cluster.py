@@ -16,6 +16,7 @@ import requests
 pytest.importorskip("ray.serve")
 
 from app_fixtures import VIT_CFG, app_config, b64, build_local_backbone, free_port, png_bytes, run_app  # noqa: E402
+
 from grft_serve.core.package import package_bytes  # noqa: E402
 from grft_serve.testing import random_package  # noqa: E402
 

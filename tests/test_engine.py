@@ -7,8 +7,8 @@ import torch
 from conftest import tiny_cnn, tiny_mlp, tiny_vit
 
 from grft_serve.core.backbones import HFTextBackbone
-from grft_serve.engine import Engine, TaskExistsError, UnknownTaskError
 from grft_serve.core.package import PackageError, package_bytes
+from grft_serve.engine import Engine, TaskExistsError, UnknownTaskError
 from grft_serve.testing import random_package, reference_forward
 
 
@@ -143,7 +143,7 @@ def test_base_bit_exact_after_random_batches_with_failures(case, n_batches):
     handles = [m.register_forward_hook(maybe_fail) for m in eng.modules.values()]
     failures = 0
     try:
-        for i in range(n_batches):
+        for _ in range(n_batches):
             n = rng.randint(1, 5)
             ids = [rng.choice(ids_all)] * n if rng.random() < 0.5 else [rng.choice(ids_all) for _ in range(n)]
             path = rng.choice(["auto", "patch", "override"])
@@ -346,8 +346,8 @@ def test_sync_from_store(vit, tmp_path):
 def with_all_biases(bb, pkg, seed=0, bias_only=()):
     """``pkg`` with a bias on EVERY patchable module (also where the base has none), and the modules in
     ``bias_only`` reduced to k = 0 with only a bias (what ``fit.bias: all`` trains)."""
-    from grft_serve.core.spec import iter_patchable
     from grft_serve.core.rowop import ModuleDelta
+    from grft_serve.core.spec import iter_patchable
 
     g = torch.Generator().manual_seed(seed)
     mods = dict(iter_patchable(bb, bb.exclude_from_patching()))

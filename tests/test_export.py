@@ -9,9 +9,9 @@ from conftest import tiny_vit
 from typer.testing import CliRunner
 
 from grft_serve.cli import app
+from grft_serve.core.package import FingerprintMismatchError, save_package
 from grft_serve.engine import Engine
 from grft_serve.export import export_onnx, merge_task
-from grft_serve.core.package import FingerprintMismatchError, save_package
 from grft_serve.testing import random_package
 
 

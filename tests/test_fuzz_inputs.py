@@ -11,10 +11,9 @@ import base64
 import io
 
 import pytest
+from fuzz_support import damage  # noqa: E402 - also loads the hypothesis profiles
 from hypothesis import given
 from hypothesis import strategies as st
-
-from fuzz_support import damage  # noqa: E402 - also loads the hypothesis profiles
 
 inputs = pytest.importorskip("grft_serve.app.inputs")
 from grft_serve.app.config import Limits  # noqa: E402

@@ -16,14 +16,14 @@ import struct
 
 import pytest
 import torch
+from conftest import tiny_cnn, tiny_mlp
+from fuzz_support import damage, join, split
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import tiny_cnn, tiny_mlp
-from fuzz_support import damage, join, split
-from grft_serve.engine import Engine
 from grft_serve.core.package import PackageError, load_package, package_bytes, read_header
 from grft_serve.core.rowop import ModuleDelta
+from grft_serve.engine import Engine
 from grft_serve.store import DirectoryTaskStore
 from grft_serve.testing import random_package
 
@@ -124,7 +124,8 @@ def world(request, tmp_path_factory):
 # ---------------------------------------------------------------------------------------------
 json_leaf = (st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.integers(-3, 40)
              | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=6) | st.sampled_from(DTYPES))
-json_value = st.recursive(json_leaf, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+json_value = st.recursive(json_leaf,
+                          lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c, max_size=3),
                           max_leaves=8)
 
 

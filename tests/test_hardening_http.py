@@ -19,10 +19,24 @@ import requests
 
 pytest.importorskip("ray.serve")
 
-from app_fixtures import (VIT_CFG, Canary, PeakRss, app_config, b64, build_local_backbone,  # noqa: E402
-                          flat_image, free_port, make_text_model, png_bytes, progressive_jpeg, run_app, start_ray,
-                          text_cfg)
+from app_fixtures import (  # noqa: E402
+    VIT_CFG,
+    Canary,
+    PeakRss,
+    app_config,
+    b64,
+    build_local_backbone,
+    flat_image,
+    free_port,
+    make_text_model,
+    png_bytes,
+    progressive_jpeg,
+    run_app,
+    start_ray,
+    text_cfg,
+)
 from test_hardening_registration import huge_head, with_prep  # noqa: E402
+
 from grft_serve.core.package import MAX_METADATA_CHARS, SUFFIX, package_bytes  # noqa: E402
 from grft_serve.testing import random_package  # noqa: E402
 

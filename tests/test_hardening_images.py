@@ -12,9 +12,8 @@ import time
 
 import psutil
 import pytest
+from app_fixtures import SEED, VIT_CFG, PeakRss, build_local_backbone, flat_image, png_bytes, progressive_jpeg
 
-from app_fixtures import (SEED, VIT_CFG, PeakRss, build_local_backbone, flat_image,
-                          png_bytes, progressive_jpeg)
 from grft_serve.app.config import Limits
 from grft_serve.app.inputs import check_image, decode_image, jpeg_scans
 from grft_serve.app.messages import PredictCall, PredictInput

@@ -8,6 +8,7 @@ import json
 import time
 
 from app_fixtures import VIT_CFG, build_local_backbone
+
 from grft_serve.app.bodies import json_values_over
 from grft_serve.app.index import TaskIndex
 from grft_serve.core.package import package_bytes

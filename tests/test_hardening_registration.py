@@ -16,9 +16,9 @@ import asyncio
 import numpy as np
 import pytest
 import torch
-
 from app_fixtures import SEED, VIT_CFG, build_local_backbone, png_bytes
 from test_package import _err, _rewrite
+
 from grft_serve.app.answers import predict
 from grft_serve.app.messages import PredictCall, PredictInput
 from grft_serve.app.oip_codec import infer_response

@@ -6,8 +6,8 @@ import struct
 
 import pytest
 import torch
-
 from fuzz_support import join, split
+
 from grft_serve.core import package as P
 from grft_serve.core.package import load_package, package_bytes, save_package
 from grft_serve.testing import random_package
@@ -121,7 +121,8 @@ def test_bad_metadata(pkg, base):
 def test_unknown_module(pkg, base):
     name = next(iter(pkg.deltas))
     t = pkg.tensors()
-    _err(_rewrite(pkg, {"nope.layer.indices": t[f"{name}.indices"].clone(), "nope.layer.values": t[f"{name}.values"].clone()}),
+    _err(_rewrite(pkg, {"nope.layer.indices": t[f"{name}.indices"].clone(),
+                        "nope.layer.values": t[f"{name}.values"].clone()}),
          base, P.UnknownModuleError, "nope.layer")
 
 
@@ -354,8 +355,9 @@ def test_bad_preprocessing_is_refused(pkg, base, prep, match):
 
 
 def test_preprocessing_the_trainers_write_is_accepted(vit, cnn, mlp):
-    from grft_serve.core.backbones import HFTextBackbone
     from transformers import BertConfig, BertModel
+
+    from grft_serve.core.backbones import HFTextBackbone
 
     cfg = BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                      num_attention_heads=2, max_position_embeddings=64)
@@ -369,8 +371,9 @@ def test_preprocessing_the_trainers_write_is_accepted(vit, cnn, mlp):
 
 
 def test_one_default_size_limit():
-    from grft_serve.engine import Engine
     import inspect
+
+    from grft_serve.engine import Engine
 
     assert inspect.signature(Engine).parameters["max_package_bytes"].default == P.DEFAULT_MAX_BYTES
 

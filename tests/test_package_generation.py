@@ -1,13 +1,12 @@
 """The generation package contract: kind, no head, prompt rendering shared by training and serving."""
 import pytest
 import torch
+from gen_fixtures import make_tiny_lm
 
 from grft_serve.core import package as P
 from grft_serve.core.backbones import CausalLMBackbone, HFTextBackbone
 from grft_serve.core.generation import GenerationMeta, PromptError, chat_ids, example_ids, prompt_ids
 from grft_serve.core.rowop import ROW, ModuleDelta
-
-from gen_fixtures import make_tiny_lm
 
 
 @pytest.fixture(scope="module")

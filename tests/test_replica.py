@@ -6,14 +6,14 @@ import asyncio
 
 import pytest
 import torch
-
 from app_fixtures import SEED, VIT_CFG, build_local_backbone, make_text_model, png_bytes, text_cfg
+
 from grft_serve.app import BackboneServer
 from grft_serve.app.answers import predict
 from grft_serve.app.messages import PredictCall, PredictInput
 from grft_serve.app.replica import Chunk
-from grft_serve.engine import Engine
 from grft_serve.core.package import package_bytes
+from grft_serve.engine import Engine
 from grft_serve.store import DirectoryTaskStore
 from grft_serve.testing import random_package
 

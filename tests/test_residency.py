@@ -6,10 +6,10 @@ import json
 import time
 
 import pytest
-
 from app_fixtures import SEED, VIT_CFG, build_local_backbone
-from grft_serve.app import metrics as M
+
 from grft_serve.app import BackboneServer
+from grft_serve.app import metrics as M
 from grft_serve.app.answers import predict
 from grft_serve.app.residency import STALE_S, ResidencyView, StateDir
 from grft_serve.core.package import package_bytes

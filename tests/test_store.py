@@ -6,11 +6,17 @@ import threading
 import time
 
 import pytest
-
 from conftest import tiny_mlp
+
 from grft_serve.core.package import SUFFIX, package_bytes
-from grft_serve.store import BaseTaskStore, DirectoryTaskStore, StoredTask, TaskExistsError, TaskNotFoundError, \
-    content_version
+from grft_serve.store import (
+    BaseTaskStore,
+    DirectoryTaskStore,
+    StoredTask,
+    TaskExistsError,
+    TaskNotFoundError,
+    content_version,
+)
 from grft_serve.testing import random_package
 
 
@@ -47,7 +53,7 @@ def test_concurrent_puts_of_a_new_id_exactly_one_wins_threads(tmp_path, blobs):
     store = DirectoryTaskStore(tmp_path)
     for rnd in range(15):
         tid = f"task{rnd}"
-        res = _race(len(blobs), lambda i: store.put(tid, blobs[i]))
+        res = _race(len(blobs), lambda i, tid=tid: store.put(tid, blobs[i]))
         wins = [i for i, r in enumerate(res) if isinstance(r, str)]
         assert len(wins) == 1, f"round {rnd}: {len(wins)} registrations of one new id succeeded"
         assert all(isinstance(r, TaskExistsError) for i, r in enumerate(res) if i != wins[0]), res
@@ -88,7 +94,7 @@ def test_concurrent_puts_of_a_new_id_exactly_one_wins_processes(tmp_path, blobs)
 
 def test_put_without_replace_racing_delete_is_one_or_the_other(tmp_path, blobs):
     store = DirectoryTaskStore(tmp_path)
-    for rnd in range(20):
+    for _ in range(20):
         store.put("t", blobs[0], replace=True)
         res = _race(2, lambda i: store.put("t", blobs[1]) if i == 0 else store.delete("t"))
         put, delete = res
@@ -252,7 +258,7 @@ def test_entries_that_are_not_regular_files_are_never_opened_listed_or_served(tm
     for tid in ("fifo", "dir", "alias", "zero"):
         for op in (store.get, store.info, store.delete):
             with pytest.raises(TaskNotFoundError):
-                _in_thread(lambda: op(tid))
+                _in_thread(lambda op=op, tid=tid: op(tid))
     assert (tmp_path / f"dir{SUFFIX}").is_dir() and (tmp_path / f"alias{SUFFIX}").is_symlink()  # left alone
     with pytest.raises(TaskExistsError, match="directory"):  # a directory under the name: 409, not a crash
         store.put("dir", blobs[0], replace=True)

@@ -15,8 +15,7 @@ import time
 import pytest
 import torch
 
-from grft_serve.core.backbones import zoo
-from grft_serve.core.backbones import BackboneError, HFTextBackbone, TimmBackbone, load_backbone
+from grft_serve.core.backbones import BackboneError, HFTextBackbone, TimmBackbone, load_backbone, zoo
 
 
 def _require(name: str) -> None:

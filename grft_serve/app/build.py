@@ -13,8 +13,8 @@ from ray import serve
 from ..core.files import read_yaml_mapping
 from .api import api
 from .config import AppConfig, make_store
-from .ingress import Ingress
 from .generation import GenerationServer
+from .ingress import Ingress
 from .replica import BackboneServer
 
 __all__ = ["build_app", "app_from_config"]

@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import metrics as M
 from ..core.atomic import atomic_write
 from ..core.package import valid_task_id
+from . import metrics as M
 
 __all__ = ["STATE_DIR", "TIERS", "StateDir", "ReplicaResidency", "ResidencyView"]
 

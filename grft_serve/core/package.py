@@ -39,14 +39,45 @@ import torch
 from torch import nn
 
 from .atomic import TMP_SUFFIX, atomic_write
-from .package_errors import (DtypeError, EmptyPackageError, FingerprintMismatchError, InvalidIndicesError,
-                             MetadataError, MetadataTooLargeError, NonFiniteError, NotSafetensorsError, PackageError,
-                             PackageTooLargeError, PickleContentError, PreprocessingError, PreprocessingMismatchError,
-                             PreprocessingUnrunnableError, ShapeMismatchError, TaskKindMismatchError,
-                             TruncatedPackageError, UnknownModuleError, UnsupportedFormatError, ValueRangeError)
-from .package_header import (CLASSIFICATION, DEFAULT_MAX_BYTES, FORMAT_VERSION, GENERATION, INDEX_DTYPES,
-                             MAX_METADATA_CHARS, SUFFIX, TASK_ID_RE, TASK_KINDS, VALUE_DTYPES, PackageHeader,
-                             PackageMeta, read_header, read_header_info, valid_task_id)
+from .package_errors import (
+    DtypeError,
+    EmptyPackageError,
+    FingerprintMismatchError,
+    InvalidIndicesError,
+    MetadataError,
+    MetadataTooLargeError,
+    NonFiniteError,
+    NotSafetensorsError,
+    PackageError,
+    PackageTooLargeError,
+    PickleContentError,
+    PreprocessingError,
+    PreprocessingMismatchError,
+    PreprocessingUnrunnableError,
+    ShapeMismatchError,
+    TaskKindMismatchError,
+    TruncatedPackageError,
+    UnknownModuleError,
+    UnsupportedFormatError,
+    ValueRangeError,
+)
+from .package_header import (
+    CLASSIFICATION,
+    DEFAULT_MAX_BYTES,
+    FORMAT_VERSION,
+    GENERATION,
+    INDEX_DTYPES,
+    MAX_METADATA_CHARS,
+    SUFFIX,
+    TASK_ID_RE,
+    TASK_KINDS,
+    VALUE_DTYPES,
+    PackageHeader,
+    PackageMeta,
+    read_header,
+    read_header_info,
+    valid_task_id,
+)
 from .rowop import COLUMN, ROW, ModuleDelta
 from .spec import BaseSpec
 

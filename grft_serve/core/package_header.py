@@ -21,9 +21,18 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .generation import GenerationMeta
-from .package_errors import (DtypeError, MetadataError, MetadataTooLargeError, NotSafetensorsError,
-                             PackageTooLargeError, PickleContentError, PreprocessingError, ShapeMismatchError,
-                             TruncatedPackageError, UnsupportedFormatError)
+from .package_errors import (
+    DtypeError,
+    MetadataError,
+    MetadataTooLargeError,
+    NotSafetensorsError,
+    PackageTooLargeError,
+    PickleContentError,
+    PreprocessingError,
+    ShapeMismatchError,
+    TruncatedPackageError,
+    UnsupportedFormatError,
+)
 from .preprocessing import validate_preprocessing
 
 __all__ = ["CLASSIFICATION", "DEFAULT_MAX_BYTES", "FORMAT_VERSION", "GENERATION", "INDEX_DTYPES", "MAX_HEADER_BYTES",

@@ -4,13 +4,13 @@
 registered with ``@register_backbone``; importing this package loads the built-in families
 (``timm``, ``hf``, ``causal_lm``, ``zoo``). Loading never touches the network.
 """
-from .base import Backbone, BackboneError, ModuleBackbone
-from .registry import (BackboneConfig, create_backbone, load_backbone, register_backbone,
-                       registered_backbones)
-from .timm import RANDOM_WEIGHTS, TimmBackbone
-from .hf import HFTextBackbone
-from .causal import CausalLMBackbone
 from . import zoo  # noqa: E402  (registers the "zoo" family)
+from .base import Backbone, BackboneError, ModuleBackbone
+from .causal import CausalLMBackbone
+from .hf import HFTextBackbone
+from .registry import BackboneConfig, create_backbone, load_backbone, register_backbone, registered_backbones
+from .timm import RANDOM_WEIGHTS, TimmBackbone
 
-__all__ = ["Backbone", "BackboneConfig", "BackboneError", "CausalLMBackbone", "HFTextBackbone", "ModuleBackbone", "RANDOM_WEIGHTS",
-           "TimmBackbone", "create_backbone", "load_backbone", "register_backbone", "registered_backbones", "zoo"]
+__all__ = ["Backbone", "BackboneConfig", "BackboneError", "CausalLMBackbone", "HFTextBackbone", "ModuleBackbone",
+           "RANDOM_WEIGHTS", "TimmBackbone", "create_backbone", "load_backbone", "register_backbone",
+           "registered_backbones", "zoo"]
