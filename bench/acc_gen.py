@@ -187,12 +187,14 @@ def _verdicts(rows: dict[str, dict]) -> list[str]:
 def render_gen(summary: dict) -> str:
     lines = []
     for s in summary.values():
-        lines += md_header(s, f"{s['rows'][0]['seeds']} seed(s)",
-                           ["method", "exact match % (mean ± s.e.)", "ROUGE-L %", "answer ppl",
+        seeds = sorted({r["seeds"] for r in s["rows"]})
+        lines += md_header(s, f"{seeds[0]} seed(s)" if len(seeds) == 1 else
+                           f"{seeds[0]}-{seeds[-1]} seeds per method (a partial run)",
+                           ["method", "seeds", "exact match % (mean ± s.e.)", "ROUGE-L %", "answer ppl",
                             "backbone trainable %", "fit s", "select s"])
         for r in s["rows"]:
             extra = f" (r={r['rank']})" if r.get("rank") else ""
-            lines.append(f"| {r['method']}{extra} | {100 * r['em']:.1f} ± {100 * r['em_se']:.1f} | "
+            lines.append(f"| {r['method']}{extra} | {r['seeds']} | {100 * r['em']:.1f} ± {100 * r['em_se']:.1f} | "
                          f"{100 * r['rouge_l']:.1f} ± {100 * r['rouge_se']:.1f} | {r['ppl']:.2f} | "
                          f"{r['backbone_pct']:.3f} | {r['fit_s']:.0f} | {r['select_s']:.0f} |")
         lines.append("")
