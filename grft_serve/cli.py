@@ -120,6 +120,9 @@ def up(config: Path = typer.Argument(Path("deployments/local.yaml"), help="Serve
     schema = serve_config(_read_yaml(config), host, port)
     _admin_tokens(schema, quiet)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from .app.proxy import CALLBACK
+
+    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", CALLBACK)  # header cap in the proxy
     import ray
     from ray import serve
     from ray.serve._private import api as serve_api
@@ -238,7 +241,12 @@ def register(package: Path = typer.Argument(..., help="a .grft.safetensors task 
 def tasks(url: Optional[str] = UrlOpt, token: Optional[str] = TokOpt, as_json: bool = JsonOpt):
     """List the registered tasks ("backbone params changed": rows/columns and biases the task writes
     into the base; the head is counted apart)."""
-    body = _call("GET", f"{_url(url)}/v1/tasks", headers=_headers(token, False))
+    body = _call("GET", f"{_url(url)}/v1/tasks", params={"limit": 1000}, headers=_headers(token, False))
+    while body.get("next"):  # the listing is paged
+        more = _call("GET", f"{_url(url)}/v1/tasks", params={"limit": 1000, "after": body["next"]},
+                     headers=_headers(token, False))
+        body = {"tasks": body["tasks"] + more["tasks"], "broken": body["broken"] + more["broken"],
+                "next": more.get("next")}
     if as_json:
         typer.echo(json.dumps(body, indent=2))
         return

@@ -11,11 +11,21 @@ temp file that is then published in one step: ``put(replace=True)`` renames over
 so of concurrent registrations of one new id exactly one succeeds (no check-then-write window).
 Readers see a whole old or a whole new package, never a part. Temp files left by a killed writer are
 removed once older than ``stale_tmp_s``.
+
+Only *regular files* are tasks. Anything else under a task's name — a symlink (an "alias"), a
+directory, a FIFO, a device — is never opened (``lstat`` first, then ``O_NOFOLLOW | O_NONBLOCK`` and
+an ``fstat`` check on the open file), never listed and never served: ``get`` / ``info`` / ``delete``
+answer :class:`TaskNotFoundError`, and ``list`` logs it once. A package whose embedded ``task_id``
+differs from its file name (a copied file) is listed as broken, since no replica could serve it under
+that name.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
 import os
+import stat
 import sys
 import threading
 import time
@@ -25,6 +35,8 @@ from typing import Protocol
 
 from .core.atomic import TMP_SUFFIX, atomic_write
 from .core.package import SUFFIX, PackageError, read_header, valid_task_id
+
+log = logging.getLogger("grft_serve.store")
 
 __all__ = ["BaseTaskStore", "DirectoryTaskStore", "StoredTask", "TaskExistsError", "TaskNotFoundError",
            "TaskStore", "content_version"]
@@ -80,6 +92,9 @@ def _describe(task_id: str, data: bytes) -> StoredTask:
         h = read_header(data, max_bytes=sys.maxsize)  # size limits apply at upload, not at rest
     except PackageError as e:
         return StoredTask(task_id, version, bytes=len(data), broken=f"{e.code}: {e.message}")
+    if h.meta.task_id != task_id:
+        return StoredTask(task_id, version, bytes=len(data),
+                          broken=f"task_id_mismatch: the package is task {h.meta.task_id!r}, stored as {task_id!r}")
     return StoredTask(task_id, version, h.meta.model_dump(mode="json"), h.num_params, h.size)
 
 
@@ -127,6 +142,7 @@ class DirectoryTaskStore(BaseTaskStore):
         self._cache: dict[str, tuple[tuple[int, int, int], StoredTask]] = {}
         self._lock = threading.Lock()
         self._swept = float("-inf")
+        self._ignored: set[str] = set()  # non-regular entries named like tasks, logged once
         self.sweep()
 
     def path(self, task_id: str) -> Path:
@@ -151,20 +167,46 @@ class DirectoryTaskStore(BaseTaskStore):
         p = self.path(task_id)
         try:
             atomic_write(p, data, replace=replace)
-        except FileExistsError:
+        except (FileExistsError, IsADirectoryError):
+            if p.is_dir() and not p.is_symlink():
+                raise TaskExistsError(f"the store holds a directory named like task {task_id!r}; remove it "
+                                      "by hand") from None
             raise TaskExistsError(f"task {task_id!r} already exists; pass replace to overwrite it") from None
         return content_version(data)
 
-    def get(self, task_id: str) -> bytes:
+    def _open(self, task_id: str) -> int:
+        """A read-only descriptor of the task's file; :class:`TaskNotFoundError` for no file or a file
+        that is not regular (never opened, or opened without blocking and refused)."""
         p = self.path(task_id)
         try:
-            return p.read_bytes()
+            st = os.lstat(p)
         except FileNotFoundError:
             raise TaskNotFoundError(f"unknown task {task_id!r}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise TaskNotFoundError(f"unknown task {task_id!r} (the store entry is not a regular file)")
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise TaskNotFoundError(f"unknown task {task_id!r}") from None
+        except OSError as e:
+            if e.errno == errno.ELOOP:  # swapped for a symlink since the lstat
+                raise TaskNotFoundError(f"unknown task {task_id!r} (the store entry is a symlink)") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise TaskNotFoundError(f"unknown task {task_id!r} (the store entry is not a regular file)")
+        return fd
+
+    def get(self, task_id: str) -> bytes:
+        with open(self._open(task_id), "rb") as f:
+            return f.read()
 
     def delete(self, task_id: str) -> None:
+        p = self.path(task_id)
         try:
-            self.path(task_id).unlink()
+            if not stat.S_ISREG(os.lstat(p).st_mode):
+                raise TaskNotFoundError(f"unknown task {task_id!r} (the store entry is not a regular file)")
+            p.unlink()
         except FileNotFoundError:
             raise TaskNotFoundError(f"unknown task {task_id!r}") from None
         finally:
@@ -175,15 +217,13 @@ class DirectoryTaskStore(BaseTaskStore):
         """Version and header facts of one stored task, from one open file (so they always agree);
         re-read only when the file changed."""
         try:
-            with open(self.path(task_id), "rb") as f:
+            with open(self._open(task_id), "rb") as f:
                 st = os.fstat(f.fileno())
                 key = (st.st_ino, st.st_mtime_ns, st.st_size)
                 c = self._cache.get(task_id)
                 if c is not None and c[0] == key:
                     return c[1]
                 entry = _describe(task_id, f.read())
-        except FileNotFoundError:
-            raise TaskNotFoundError(f"unknown task {task_id!r}") from None
         except OSError as e:  # e.g. permissions: listed as broken, not hidden
             return StoredTask(task_id, "", broken=f"unreadable: {e.strerror or e}")
         with self._lock:
@@ -198,8 +238,10 @@ class DirectoryTaskStore(BaseTaskStore):
         if time.monotonic() - self._swept >= min(self.stale_tmp_s, self.sweep_interval_s):
             self.sweep()
         out = {}
-        for p in sorted(self.root.glob(f"*{SUFFIX}")):
-            tid = p.name[: -len(SUFFIX)]
+        with os.scandir(self.root) as it:
+            names = sorted(e.name for e in it if e.name.endswith(SUFFIX) and self._is_task_entry(e))
+        for name in names:
+            tid = name[: -len(SUFFIX)]
             if not valid_task_id(tid):
                 continue
             try:
@@ -210,3 +252,15 @@ class DirectoryTaskStore(BaseTaskStore):
             for tid in set(self._cache) - set(out):
                 self._cache.pop(tid, None)
         return out
+
+    def _is_task_entry(self, entry: os.DirEntry) -> bool:
+        """A regular file (no stat for most file systems: the directory entry's type); else logged once."""
+        try:
+            if entry.is_file(follow_symlinks=False):
+                return True
+        except OSError:
+            return False
+        if entry.name not in self._ignored:
+            self._ignored.add(entry.name)
+            log.warning("task store %s: %r is not a regular file; it is not a task", self.root, entry.name)
+        return False

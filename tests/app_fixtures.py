@@ -10,6 +10,7 @@ import base64
 import io
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -82,6 +83,10 @@ def app_config(store: str, text_path, *, vit_replicas: int = 2, admin_env: str =
 def start_ray(num_cpus: int = 2) -> None:
     import ray
 
+    from grft_serve.app.proxy import CALLBACK
+
+    # Serve's proxies inherit this Ray's environment: they cap header bytes (grft_serve.app.proxy)
+    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", CALLBACK)
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _metrics_export_port=free_port(),
                  log_to_driver=False, configure_logging=False)
@@ -121,3 +126,92 @@ def png_bytes(seed: int, size=(40, 36)) -> bytes:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+def flat_image(w: int, h: int, fmt: str = "PNG", **save) -> bytes:
+    """A one-colour image: a few KB on disk, ``w * h`` pixels to decode."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (90, 140, 200)).save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
+def progressive_jpeg(w: int, h: int, scans: int) -> bytes:
+    """A progressive JPEG whose last scan (with its Huffman table) is repeated until it has ``scans``
+    scans: each repeat is ~35 bytes, and libjpeg decodes every one over every block of the image
+    (what a scan bomb is; a repeated scan only draws a libjpeg warning)."""
+    data = flat_image(w, h, "JPEG", progressive=True, quality=90)
+    segs, i = [], 2  # (marker, start, end); a scan's segment runs to the end of its entropy-coded data
+    while data[i + 1] != 0xD9:
+        m, end = data[i + 1], i + 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        while m == 0xDA and (data[end] != 0xFF or data[end + 1] == 0 or 0xD0 <= data[end + 1] <= 0xD7):
+            end += 1
+        segs.append((m, i, end))
+        i = end
+    sos = [k for k, s in enumerate(segs) if s[0] == 0xDA]
+    last = sos[-1]
+    first = last - 1 if segs[last - 1][0] == 0xC4 else last
+    block = data[segs[first][1]:segs[last][2]]
+    return data[:segs[last][2]] + block * (scans - len(sos)) + data[segs[last][2]:]
+
+
+class Canary:
+    """A good client beside an attack: ``call()`` in a loop on its own thread until the block ends;
+    ``latencies`` and ``failures`` (non-200 answers) are what it saw."""
+
+    def __init__(self, call, pause_s: float = 0.05):
+        self.call, self.pause_s = call, pause_s
+        self.latencies: list[float] = []
+        self.failures: list = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            r = self.call()
+            self.latencies.append(time.monotonic() - t0)
+            if r.status_code != 200:
+                self.failures.append((r.status_code, r.text[:200]))
+            self._stop.wait(self.pause_s)
+
+    def __enter__(self) -> "Canary":
+        self.call()  # warm (connection, task loaded)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        time.sleep(self.pause_s * 2)
+        self._stop.set()
+        self._thread.join(120)
+
+    def check(self, max_s: float = 1.0) -> None:
+        assert self.latencies, "the canary never ran"
+        assert not self.failures, self.failures[:3]
+        assert max(self.latencies) < max_s, f"canary latencies {sorted(self.latencies)[-5:]} (max {max_s} s)"
+
+
+class PeakRss:
+    """``with PeakRss(process) as m: ...`` samples the process's RSS every 2 ms; ``m.grew_mb`` is the
+    peak over the block less the RSS at its start."""
+
+    def __init__(self, process):
+        self.process, self.grew_mb = process, 0.0
+        self._stop = threading.Event()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self.process.memory_info().rss)
+            time.sleep(0.002)
+
+    def __enter__(self) -> "PeakRss":
+        self._base = self._peak = self.process.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.grew_mb = (self._peak - self._base) / 2**20

@@ -6,16 +6,13 @@ import time
 
 import pytest
 import torch
-from torch import nn
 
 from grft_serve.core import package as P
 from grft_serve.core.backbones import CausalLMBackbone
-from grft_serve.core.generation import GenerationMeta
-from grft_serve.core.rowop import ROW, ModuleDelta
 from grft_serve.engine import Engine, GenerationInputError, SamplingParams, TextGenerator
 from grft_serve.engine.decode_slots import slot_key
 
-from gen_fixtures import make_tiny_lm
+from gen_fixtures import make_task, make_tiny_lm, merged_tokens
 
 N = 10
 QUESTIONS = ["What is the capital of France?", "Name a fruit."]
@@ -27,53 +24,17 @@ def lm_dir(tmp_path_factory):
     return make_tiny_lm(tmp_path_factory.mktemp("gen_lm"), initializer_range=0.3)
 
 
-def make_task(bb, tid, seed, mode=ROW, k=4, bias=False):
-    g = torch.Generator().manual_seed(seed)
-    spec, mods = bb.describe(), dict(bb.named_modules())
-    deltas = {}
-    for name in spec.modules:
-        if torch.rand(1, generator=g).item() < 0.5:
-            continue
-        W = mods[name].weight.detach()
-        n = W.shape[0] if mode == ROW else W.shape[1]
-        idx = torch.randperm(n, generator=g)[:k].sort().values
-        vals = W[idx] + 2 * W[idx].std() * torch.randn(k, W.shape[1], generator=g) if mode == ROW else \
-            W[:, idx] + 2 * W.std() * torch.randn(W.shape[0], k, generator=g)
-        deltas[name] = ModuleDelta(mode, idx, vals, torch.randn(W.shape[0], generator=g) * 0.05 if bias else None)
-    meta = P.PackageMeta(task_id=tid, kind="generation", base_model_id=spec.model_id, base_fingerprint=spec.fingerprint,
-                         mode=mode, k=k, preprocessing=bb.preprocessing_meta(),
-                         generation=GenerationMeta(format="chat", max_new_tokens=N))
-    return P.TaskPackage(meta, deltas, None, None)
-
-
 @pytest.fixture(scope="module")
 def setup(lm_dir):
     torch.set_num_threads(1)
     bb = CausalLMBackbone(lm_dir, max_length=128)
     ref = copy.deepcopy(bb)
-    tasks = [make_task(bb, "t0", 1), make_task(bb, "t1", 2, mode="column"), make_task(bb, "t2", 3, bias=True)]
+    tasks = [make_task(bb, "t0", 1, max_new_tokens=N), make_task(bb, "t1", 2, mode="column", max_new_tokens=N),
+             make_task(bb, "t2", 3, bias=True, max_new_tokens=N)]
     eng = Engine(bb, device="cpu")
     for t in tasks:
         eng.register(P.package_bytes(t))
     return eng, ref, {t.task_id: t for t in tasks}
-
-
-def merged_tokens(ref, pkg, ids, n=N):
-    """The reference: the task's rows merged into a copy of the base, HF ``generate`` greedy."""
-    m = copy.deepcopy(ref)
-    mods = dict(m.named_modules())
-    with torch.no_grad():
-        for name, d in (pkg.deltas.items() if pkg is not None else ()):
-            w = mods[name].weight
-            w.index_copy_(0 if d.mode == ROW else 1, d.indices, d.values.to(w.dtype))
-            if d.bias is not None:
-                if mods[name].bias is None:
-                    mods[name].bias = nn.Parameter(d.bias.clone(), requires_grad=False)
-                else:
-                    mods[name].bias.copy_(d.bias)
-        out = m.lm.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                            max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None)
-    return out[0, len(ids):].tolist()
 
 
 class Collector:
@@ -124,7 +85,7 @@ def test_mixed_tasks_and_base_equal_merged_weights_token_for_token(setup, decode
         outs = [r.tokens for _, _, r, _ in jobs]
         assert len({tuple(o) for o in outs}) == len(outs)  # the tasks really change the answers
         for tid, ids, r, c in jobs:
-            assert r.tokens == merged_tokens(ref, pkgs.get(tid), ids), (decoder, tid)
+            assert r.tokens == merged_tokens(ref, pkgs.get(tid), ids, N), (decoder, tid)
             assert c.finish == "length" and c.events[-1].completion_tokens == N
         assert gen.stats()["decode_slot_loads"] <= 3
     finally:

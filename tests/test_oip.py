@@ -261,7 +261,9 @@ def test_per_task_metrics_respect_the_cap(app):
         if "ray_grft_task_requests" in text and "ray_grft_task_residency" in text and \
                 "ray_grft_task_cache_misses" in text:
             reqs = series(text, "grft_task_requests")
-            if any(t == "other" for t, _, _ in reqs):
+            # metrics reach the node's endpoint on the exporter's own schedule: wait for every series
+            if any(t == "other" for t, _, _ in reqs) and sum(series(text, "grft_task_errors").values()) >= 1 \
+                    and sum(series(text, "grft_task_inputs").values()) >= 5:
                 break
         time.sleep(2)
     reqs = series(text, "grft_task_requests")

@@ -151,22 +151,29 @@ def test_stale_temp_files_are_swept(tmp_path, blobs):
     assert not late.exists() and not fresh.exists() and other.exists()
 
 
+def _pkg(tid: str, seed: int = 0) -> bytes:
+    return package_bytes(random_package(tiny_mlp(), tid, k=1, seed=seed))
+
+
 def test_broken_packages_are_reported_not_listed_as_tasks(tmp_path, blobs):
     store = DirectoryTaskStore(tmp_path)
-    store.put("good", blobs[0])
-    (tmp_path / f"cut{SUFFIX}").write_bytes(blobs[1][: len(blobs[1]) - 7])
+    good_blob, cut_blob = _pkg("good"), _pkg("cut", 1)
+    store.put("good", good_blob)
+    (tmp_path / f"cut{SUFFIX}").write_bytes(cut_blob[: len(cut_blob) - 7])
     (tmp_path / f"junk{SUFFIX}").write_bytes(b"not a package at all")
+    store.put("copy", blobs[0])  # a package of task "t" stored under another name: no replica could serve it
     listing = store.list()
-    assert set(listing) == {"good", "cut", "junk"}
+    assert set(listing) == {"good", "cut", "junk", "copy"}
     good = listing["good"]
-    assert good.broken is None and good.meta["task_id"] == "t" and good.bytes == len(blobs[0])
-    assert good.num_params > 0 and good.version == content_version(blobs[0])
+    assert good.broken is None and good.meta["task_id"] == "good" and good.bytes == len(good_blob)
+    assert good.num_params > 0 and good.version == content_version(good_blob)
     assert listing["cut"].broken.startswith("truncated:") and listing["cut"].meta == {}
     assert listing["junk"].broken.startswith("not_safetensors:")
+    assert listing["copy"].broken.startswith("task_id_mismatch:") and listing["copy"].meta == {}
     assert store.info("cut") == listing["cut"]
     # repaired in place (a new file): reported healthy again
-    store.put("cut", blobs[1], replace=True)
-    assert store.info("cut").broken is None and store.info("cut").version == content_version(blobs[1])
+    store.put("cut", cut_blob, replace=True)
+    assert store.info("cut").broken is None and store.info("cut").version == content_version(cut_blob)
 
 
 def test_info_agrees_with_load(tmp_path, blobs):
@@ -206,10 +213,48 @@ class _MemoryStore(BaseTaskStore):
 
 def test_base_store_derives_info_and_list(blobs):
     s = _MemoryStore()
-    s.put("a", blobs[0])
+    s.put("t", blobs[0])
     s.put("b", blobs[0][:40])
     got = s.list()
-    assert isinstance(got["a"], StoredTask) and got["a"].broken is None and got["a"].meta["labels"]
+    assert isinstance(got["t"], StoredTask) and got["t"].broken is None and got["t"].meta["labels"]
     assert got["b"].broken and got["b"].version == content_version(blobs[0][:40])
     with pytest.raises(TaskNotFoundError):
         s.info("zz")
+
+
+def _in_thread(fn, timeout: float = 5.0):
+    """``fn()`` in a daemon thread; fails the test if it does not return in ``timeout`` s (a FIFO
+    opened for reading blocks until a writer comes, forever)."""
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below
+            out["error"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"{fn} blocked for {timeout} s"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def test_entries_that_are_not_regular_files_are_never_opened_listed_or_served(tmp_path, blobs):
+    store = DirectoryTaskStore(tmp_path)
+    store.put("t", blobs[0])
+    os.mkfifo(tmp_path / f"fifo{SUFFIX}")
+    (tmp_path / f"dir{SUFFIX}").mkdir()
+    (tmp_path / f"alias{SUFFIX}").symlink_to(tmp_path / f"t{SUFFIX}")
+    (tmp_path / f"zero{SUFFIX}").symlink_to("/dev/zero")
+    assert set(_in_thread(store.list)) == {"t"}  # the FIFO used to block list() forever
+    for tid in ("fifo", "dir", "alias", "zero"):
+        for op in (store.get, store.info, store.delete):
+            with pytest.raises(TaskNotFoundError):
+                _in_thread(lambda: op(tid))
+    assert (tmp_path / f"dir{SUFFIX}").is_dir() and (tmp_path / f"alias{SUFFIX}").is_symlink()  # left alone
+    with pytest.raises(TaskExistsError, match="directory"):  # a directory under the name: 409, not a crash
+        store.put("dir", blobs[0], replace=True)
+    store.put("alias", _pkg("alias"), replace=True)  # replacing an alias publishes a real file
+    assert store.info("alias").broken is None and (tmp_path / f"t{SUFFIX}").read_bytes() == blobs[0]

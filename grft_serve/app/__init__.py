@@ -12,9 +12,11 @@
              task store (a directory, shared between nodes on a cluster) ◄── register / delete
 
 Layout: :mod:`.config` (pydantic models), :mod:`.schemas` (API models, the one error type),
-:mod:`.inputs` (base64 / image / text checks and the one decode), :mod:`.guard` (auth, body limits),
-:mod:`.index` (the task index), :mod:`.replica` (the backbone server, a plain class),
-:mod:`.api` + :mod:`.ingress` (FastAPI routes), :mod:`.build` (``build_app``).
+:mod:`.inputs` (base64 / image / text checks and the one decode), :mod:`.bodies` (the JSON value
+budget before parsing), :mod:`.guard` (auth, body limits), :mod:`.proxy` (the header cap),
+:mod:`.index` (the task index), :mod:`.prepare` (a request's decode + preprocessing, in slices),
+:mod:`.runnable` (can the base run a task's preprocessing), :mod:`.replica` (the backbone server, a
+plain class), :mod:`.api` + :mod:`.ingress` (FastAPI routes), :mod:`.build` (``build_app``).
 """
 from .build import app_from_config, build_app
 from .config import AppConfig, BackboneDeploymentConfig, Limits, StoreConfig, make_store

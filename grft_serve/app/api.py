@@ -9,15 +9,17 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from .proxy import HeaderLimit
 from .schemas import ApiError
 from .task_metrics import RequestMetrics
 
-__all__ = ["api", "pyd_error"]
+__all__ = ["OPENAI_PATHS", "api", "pyd_error"]
 
 log = logging.getLogger("grft_serve.app")
 
@@ -46,29 +48,45 @@ def pyd_error(e: ValidationError) -> ApiError:
     return ApiError(422, "invalid_request", f"{loc}: {msg}" if loc else msg)
 
 
-@api.exception_handler(ApiError)
-async def _api_error(_: Request, exc: ApiError):
+OPENAI_PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
+
+
+def _answer(request: Request, exc: ApiError):
+    """``exc`` in the project's shape, or OpenAI's on the OpenAI-compatible routes (clients such as the
+    ``openai`` package read ``error.message`` / ``error.type`` / ``error.code``)."""
+    if request.url.path in OPENAI_PATHS:
+        from .openai_schemas import openai_error_body
+
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(openai_error_body(exc.status, exc.code, exc.message, exc.extra.get("param")),
+                            status_code=exc.status, headers=headers)
     return exc.response()
 
 
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError):
+    return _answer(request, exc)
+
+
 @api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError):
+async def _validation_error(request: Request, exc: RequestValidationError):
     errs = exc.errors()
     first = errs[0] if errs else {}
     loc = ".".join(str(x) for x in first.get("loc", ()))
-    return ApiError(422, "invalid_request", f"{loc}: {first.get('msg', 'invalid request')}").response()
+    return _answer(request, ApiError(422, "invalid_request", f"{loc}: {first.get('msg', 'invalid request')}"))
 
 
 @api.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException):
+async def _http_error(request: Request, exc: StarletteHTTPException):
     codes = {404: "not_found", 405: "method_not_allowed"}
-    return ApiError(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)).response()
+    return _answer(request, ApiError(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)))
 
 
 @api.exception_handler(Exception)
-async def _internal_error(_: Request, exc: Exception):
+async def _internal_error(request: Request, exc: Exception):
     log.error("unhandled error", exc_info=exc)
-    return ApiError(500, "internal", "internal server error (see the server log)").response()
+    return _answer(request, ApiError(500, "internal", "internal server error (see the server log)"))
 
 
 api.add_middleware(RequestMetrics)
+api.add_middleware(HeaderLimit)  # limit: Limits.max_header_bytes, set by the ingress

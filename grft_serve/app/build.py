@@ -14,12 +14,14 @@ from ..core.files import read_yaml_mapping
 from .api import api
 from .config import AppConfig, make_store
 from .ingress import Ingress
+from .generation import GenerationServer
 from .replica import BackboneServer
 
 __all__ = ["build_app", "app_from_config"]
 
 IngressDeployment = serve.deployment(name="Ingress")(serve.ingress(api)(Ingress))
 BackboneDeployment = serve.deployment(name="Backbone")(BackboneServer)
+GenerationDeployment = serve.deployment(name="Generation")(GenerationServer)
 
 
 def build_app(args: dict | AppConfig | None) -> serve.Application:
@@ -34,8 +36,10 @@ def build_app(args: dict | AppConfig | None) -> serve.Application:
     store, limits = cfg.store.model_dump(), cfg.limits.model_dump()
     handles = {}
     for b in cfg.backbones:
-        ongoing = b.max_ongoing_requests or max(4 * b.max_batch_size, 32)
-        handles[b.name] = BackboneDeployment.options(
+        generation = b.task_kind == "generation"
+        # a generation call holds its slot for a whole stream: admit up to the decoder's own queue
+        ongoing = b.max_ongoing_requests or (b.generation.max_pending if generation else max(4 * b.max_batch_size, 32))
+        handles[b.name] = (GenerationDeployment if generation else BackboneDeployment).options(
             name=f"Backbone-{b.name}", num_replicas=b.replicas, max_ongoing_requests=ongoing,
             ray_actor_options={"num_cpus": b.num_cpus, "num_gpus": b.num_gpus, "resources": b.resources},
             # the ingress logs each HTTP request; its internal calls to a backbone need no second line

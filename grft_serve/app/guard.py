@@ -6,7 +6,9 @@
 * **Bodies**: a declared ``Content-Length`` over the route's cap is refused with 413 at once; a
   chunked body is counted while it streams and cut at the cap; a body that does not arrive in
   ``body_idle_timeout_s`` (slow drip, or a length that is never sent) is answered 408. Nothing is
-  parsed until the whole body is in, and JSON is parsed off the event loop.
+  parsed until the whole body is in; a JSON body over its value budget is refused before it is parsed
+  (:mod:`.bodies`), and large JSON is parsed off the event loop. Multipart bodies (package uploads,
+  image files) go through starlette's form parser with the files, fields and part sizes bounded.
 """
 from __future__ import annotations
 
@@ -19,10 +21,13 @@ from typing import Any
 
 from fastapi import Request
 
+from .bodies import check_json_budget, header_int
 from .config import AppConfig
 from .schemas import ApiError
 
-__all__ = ["Guard"]
+__all__ = ["MULTIPART_SLACK", "Guard"]
+
+MULTIPART_SLACK = 1 << 20  # multipart framing allowed beyond the payload caps
 
 
 class Guard:
@@ -69,12 +74,9 @@ class Guard:
     # -- bodies -----------------------------------------------------------------------------------
     async def body(self, request: Request, cap: int, what: str = "request body") -> bytes:
         """The whole body, at most ``cap`` bytes, within the idle timeout (413 / 408 / 400 otherwise)."""
-        clen = request.headers.get("content-length")
-        if clen is not None:
-            if not clen.strip().isdigit():
-                raise ApiError(400, "bad_request", "Content-Length is not a number")
-            if int(clen) > cap:
-                raise ApiError(413, "too_large", f"{what} is {int(clen)} bytes; the limit is {cap}")
+        clen = header_int(request.headers.get("content-length"), "Content-Length")
+        if clen is not None and clen > cap:
+            raise ApiError(413, "too_large", f"{what} is {clen} bytes; the limit is {cap}")
         chunks, n = [], 0
         stream = request.stream().__aiter__()
         deadline = time.monotonic() + 6 * self.limits.body_idle_timeout_s
@@ -100,7 +102,71 @@ class Guard:
             raise ApiError(415, "unsupported_media_type",
                            f"Content-Type {ctype!r} is not accepted here; send application/json")
         data = await self.body(request, cap)
+        return await asyncio.to_thread(self.parse_json, data) if len(data) > 65536 else self.parse_json(data)
+
+    def parse_json(self, data: bytes, what: str = "request body") -> Any:
+        """JSON within the value budget (413 ``too_many_inputs`` before parsing), else 400 ``bad_json``."""
+        check_json_budget(data, self.limits.max_json_values, self.limits.max_inputs_per_request)
         try:
-            return await asyncio.to_thread(json.loads, data) if len(data) > 65536 else json.loads(data)
+            return json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            raise ApiError(400, "bad_json", "request body is not valid JSON") from None
+            raise ApiError(400, "bad_json", f"{what} is not valid JSON") from None
+
+    # -- multipart ---------------------------------------------------------------------------------
+    async def package_upload(self, request: Request) -> tuple[bytes, bool]:
+        """A package upload (multipart field ``file``, optional ``replace``) → (bytes, replace)."""
+        ctype = request.headers.get("content-type", "")
+        if not ctype.startswith("multipart/form-data"):
+            raise ApiError(415, "unsupported_media_type", "upload the package as multipart/form-data (field 'file')")
+        await self.body(request, self.limits.max_package_bytes + MULTIPART_SLACK, "package upload")
+        try:
+            form = await request.form(max_files=1, max_fields=4, max_part_size=self.limits.max_package_bytes)
+        except Exception as e:  # noqa: BLE001 - starlette raises on malformed / too many parts
+            raise ApiError(400, "bad_multipart", f"cannot read the multipart body: {getattr(e, 'detail', e)}") from None
+        try:
+            f = form.get("file")
+            if f is None or isinstance(f, str):
+                raise ApiError(422, "invalid_request", "multipart field 'file' (the package) is missing")
+            data = await f.read(self.limits.max_package_bytes + 1)
+            flag = str(form.get("replace", "false")).strip().lower()
+            if flag not in ("true", "false", "1", "0", "yes", "no", ""):
+                raise ApiError(422, "invalid_request", f"replace must be true or false, got {flag!r}")
+            return data, flag in ("true", "1", "yes")
+        finally:
+            await form.close()
+
+    async def multipart_inputs(self, request: Request, kind: str) -> tuple[list, Any]:
+        """A multipart predict body → (inputs: image bytes or texts, top_k as sent)."""
+        cap = self.limits.max_inputs_per_request * self.limits.max_image_bytes + MULTIPART_SLACK
+        await self.body(request, min(cap, self.limits.max_request_bytes))
+        try:
+            form = await request.form(max_files=self.limits.max_inputs_per_request + 1,
+                                      max_fields=self.limits.max_inputs_per_request + 8)
+        except Exception as e:  # noqa: BLE001 - starlette raises on malformed / too many parts
+            msg = str(getattr(e, "detail", e))
+            code = 413 if "maximum" in msg.lower() or "too many" in msg.lower() else 400
+            raise ApiError(code, "too_many_inputs" if code == 413 else "bad_multipart",
+                           f"cannot read the multipart body: {msg}") from None
+        top_k: Any = 5
+        inputs = []
+        try:
+            for key, v in form.multi_items():
+                if key == "top_k" and isinstance(v, str):
+                    top_k = v
+                    continue
+                if isinstance(v, str):
+                    if kind == "text" and key in ("inputs", "input", "text", "texts"):
+                        inputs.append(v)
+                    continue
+                data = await v.read(self.limits.max_image_bytes + 1)
+                if kind == "image":
+                    inputs.append(data)
+                else:
+                    try:
+                        inputs.append(data.decode("utf-8"))
+                    except UnicodeDecodeError:
+                        raise ApiError(422, "invalid_input", f"input {len(inputs)}: file is not UTF-8 text") \
+                            from None
+        finally:
+            await form.close()
+        return inputs, top_k

@@ -27,9 +27,11 @@ from ..store import TaskExistsError, TaskNotFoundError
 from .api import api, pyd_error
 from .config import AppConfig, make_store
 from .guard import Guard
-from .index import StoredTask, TaskIndex
+from .index import StoredTask, TaskIndex, is_miss
 from .inputs import check_input
 from .oip import OipRoutes
+from .openai_api import OpenAIRoutes
+from .proxy import HeaderLimit
 from .residency import ResidencyView, StateDir
 from .schemas import (ERR, ERRORS_PREDICT, ERRORS_READ, ApiError, BatchPredictRequest, PredictRequest,
                       PredictResponse, TaskList, TaskOut)
@@ -39,7 +41,7 @@ __all__ = ["Ingress"]
 
 log = logging.getLogger("grft_serve.app")
 
-_MULTIPART_SLACK = 1 << 20
+LIST_LIMIT, MAX_LIST_LIMIT = 100, 1000  # GET /v1/tasks page size: default, largest
 _INLINE_CHECK_BYTES = 64 << 10  # smaller inputs are checked on the event loop (a thread hop costs more)
 _PREDICT_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": PredictRequest.model_json_schema()},
@@ -53,10 +55,11 @@ _REGISTER_BODY = {"requestBody": {"required": True, "content": {"multipart/form-
         "replace": {"type": "boolean", "default": False}}}}}}}
 
 
-class Ingress(OipRoutes):
+class Ingress(OipRoutes, OpenAIRoutes):
     def __init__(self, config: dict, backbones: dict):
         self.cfg = AppConfig(**config)
         self.limits = self.cfg.limits
+        HeaderLimit.default_limit = self.limits.max_header_bytes  # the ingress app's own header cap
         self.guard = Guard(self.cfg)
         self.handles = backbones  # name -> DeploymentHandle
         self.store = make_store(self.cfg.store)
@@ -75,24 +78,28 @@ class Ingress(OipRoutes):
                     self._info = {i["name"]: i for i in infos}
         return self._info
 
-    async def _backbone_for(self, fingerprint: str | None) -> str | None:
+    async def _backbone_for(self, fingerprint: str | None, kind: str = "classification") -> str | None:
+        """The backbone serving tasks of ``kind`` on the base with ``fingerprint`` (a causal LM and its
+        classification body share one fingerprint: the kind tells their deployments apart)."""
         for name, info in (await self.backbones()).items():
-            if info["fingerprint"] == fingerprint:
+            if info["fingerprint"] == fingerprint and info.get("task_kind", "classification") == kind:
                 return name
         return None
 
     async def _task_out(self, e: StoredTask) -> dict:
         m = e.meta
-        return {"task_id": e.task_id, "version": e.version, "backbone": await self._backbone_for(e.fingerprint),
-                "base_model_id": m.get("base_model_id", ""), "base_fingerprint": m.get("base_fingerprint", ""),
+        kind = m.get("kind", "classification")
+        return {"task_id": e.task_id, "version": e.version, "kind": kind,
+                "backbone": await self._backbone_for(e.fingerprint, kind), "base_model_id": m.get("base_model_id", ""), "base_fingerprint": m.get("base_fingerprint", ""),
                 "mode": m.get("mode", ""), "labels": m.get("labels", []), "num_params": e.num_params,
                 "bytes": e.bytes, "metrics": m.get("metrics", {}), "preprocessing": m.get("preprocessing", {}),
                 "created": m.get("created"), **self.residency.of(e.task_id)}
 
     async def _entry(self, tid: str, force: bool = False) -> StoredTask:
-        cached = None if force else self.index.fresh()
-        e = cached.get(tid) if cached is not None and tid in cached else await asyncio.to_thread(
-            lambda: self.index.snapshot(force=True).get(tid) if force else self.index.get(tid))
+        """One task's store entry: the index's while fresh (no I/O), else ONE entry read off the loop."""
+        e = None if force else self.index.cached(tid)
+        if force or is_miss(e):
+            e = await asyncio.to_thread(self.index.refresh, tid)
         if e is None:
             raise ApiError(404, "unknown_task", f"unknown task {tid!r}")
         if e.broken:
@@ -104,6 +111,9 @@ class Ingress(OipRoutes):
         if not isinstance(tid, str):
             raise ApiError(422, "invalid_request", "a task id must be a string")
         e = await self._entry(tid)
+        if e.meta.get("kind", "classification") != "classification":
+            raise ApiError(422, "task_kind_mismatch", f"task {tid!r} is a {e.meta.get('kind')} task: it has no "
+                                                      "classifier (use /v1/completions or /v1/chat/completions)")
         bb = await self._backbone_for(e.fingerprint)
         if bb is None:
             raise ApiError(409, "no_backbone", f"task {tid!r} needs base {e.meta.get('base_model_id')} "
@@ -173,33 +183,12 @@ class Ingress(OipRoutes):
         self.guard.admin(request)
         status = "error"
         try:
-            data, form_replace = await self._package_upload(request)
+            data, form_replace = await self.guard.package_upload(request)
             out = await self._register(data, replace or form_replace)
             status = "ok"
             return out
         finally:
             M.inc("grft_registrations", 1, {"op": "register", "status": status})
-
-    async def _package_upload(self, request: Request) -> tuple[bytes, bool]:
-        ctype = request.headers.get("content-type", "")
-        if not ctype.startswith("multipart/form-data"):
-            raise ApiError(415, "unsupported_media_type", "upload the package as multipart/form-data (field 'file')")
-        await self.guard.body(request, self.limits.max_package_bytes + _MULTIPART_SLACK, "package upload")
-        try:
-            form = await request.form(max_files=1, max_fields=4, max_part_size=self.limits.max_package_bytes)
-        except Exception as e:  # noqa: BLE001 - starlette raises on malformed / too many parts
-            raise ApiError(400, "bad_multipart", f"cannot read the multipart body: {getattr(e, 'detail', e)}") from None
-        try:
-            f = form.get("file")
-            if f is None or isinstance(f, str):
-                raise ApiError(422, "invalid_request", "multipart field 'file' (the package) is missing")
-            data = await f.read(self.limits.max_package_bytes + 1)
-            flag = str(form.get("replace", "false")).strip().lower()
-            if flag not in ("true", "false", "1", "0", "yes", "no", ""):
-                raise ApiError(422, "invalid_request", f"replace must be true or false, got {flag!r}")
-            return data, flag in ("true", "1", "yes")
-        finally:
-            await form.close()
 
     async def _register(self, data: bytes, replace: bool) -> dict:
         limit = self.limits.max_package_bytes
@@ -209,15 +198,25 @@ class Ingress(OipRoutes):
             meta = await asyncio.to_thread(peek_meta, data, limit)
         except PackageError as e:
             raise ApiError(e.status, e.code, e.message) from None
-        bb = await self._backbone_for(meta.base_fingerprint)
+        bb = await self._backbone_for(meta.base_fingerprint, meta.kind)
+        other = None if bb is not None else next((n for n, i in (await self.backbones()).items()
+                                                  if i["fingerprint"] == meta.base_fingerprint), None)
+        if other is not None:
+            raise ApiError(422, "task_kind_mismatch", f"task {meta.task_id!r} is a {meta.kind} package; backbone "
+                                                      f"{other} of its base serves "
+                                                      f"{(await self.backbones())[other].get('task_kind')} tasks")
         if bb is None:
             names = ", ".join(f"{n} ({i['model_id']}, {i['fingerprint']})" for n, i in (await self.backbones()).items())
             raise ApiError(409, "base_fingerprint_mismatch",
                            f"package was trained on base {meta.base_model_id} with fingerprint "
                            f"{meta.base_fingerprint}; no backbone of this app has it (serving: {names})")
         tid = meta.task_id
-        if not replace and (await asyncio.to_thread(self.index.snapshot, True)).get(tid) is not None:
+        existing = await asyncio.to_thread(self.index.refresh, tid)
+        if not replace and existing is not None:
             raise ApiError(409, "task_exists", f"task {tid!r} is already registered; pass replace to overwrite")
+        if existing is None and await asyncio.to_thread(self.index.count) >= self.limits.max_tasks:
+            raise ApiError(409, "too_many_tasks", f"the store holds {self.limits.max_tasks} tasks, the limit; "
+                                                  "delete one first")
         res = await self.handles[bb].validate.remote(data)
         if not res["ok"]:
             raise ApiError(res["status"], res["code"], res["message"])
@@ -232,15 +231,23 @@ class Ingress(OipRoutes):
         log.info("registered task %s version %s on backbone %s", tid, version, bb)
         return await self._task_out(entry)
 
-    @api.get("/v1/tasks", response_model=TaskList, summary="List tasks", tags=["tasks"], responses=ERRORS_READ)
-    async def list_tasks(self, request: Request):
-        """Healthy tasks under `tasks`; stored packages that cannot be read under `broken`."""
+    @api.get("/v1/tasks", response_model=TaskList, summary="List tasks", tags=["tasks"],
+             responses={**ERRORS_READ, 422: ERR})
+    async def list_tasks(self, request: Request,
+                         limit: int = Query(LIST_LIMIT, ge=1, le=MAX_LIST_LIMIT, description="entries per page"),
+                         after: str | None = Query(None, max_length=200, description="the `next` of the page "
+                                                                                      "before: ids after it")):
+        """Tasks by id, a page at a time: healthy ones under `tasks`, stored packages that cannot be
+        read under `broken`; `next` is the cursor of the following page (`after=`), null on the last."""
         self.guard.reader(request)
-        entries = await asyncio.to_thread(self.index.snapshot, True)
-        ok = [await self._task_out(e) for _, e in sorted(entries.items()) if not e.broken]
-        broken = [{"task_id": t, "version": e.version, "reason": e.broken} for t, e in sorted(entries.items())
-                  if e.broken]
-        return JSONResponse({"tasks": [TaskOut(**t).model_dump() for t in ok], "broken": broken})
+        entries = await asyncio.to_thread(self.index.snapshot)
+        ids = sorted(t for t in entries if after is None or t > after)
+        page, more = ids[:limit], len(ids) > limit
+        ok = [await self._task_out(entries[t]) for t in page if not entries[t].broken]
+        broken = [{"task_id": t, "version": entries[t].version, "reason": entries[t].broken} for t in page
+                  if entries[t].broken]
+        return JSONResponse({"tasks": [TaskOut(**t).model_dump() for t in ok], "broken": broken,
+                             "next": page[-1] if more else None})
 
     @api.get("/v1/tasks/{task_id}", response_model=TaskOut, summary="One task's metadata", tags=["tasks"],
              responses={**ERRORS_READ, 404: ERR, 422: ERR})
@@ -273,7 +280,7 @@ class Ingress(OipRoutes):
         bb, version = await self._resolve(task_id)
         kind = (await self.backbones())[bb]["kind"]
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            raw, top_k = await self._multipart_inputs(request, kind)
+            raw, top_k = await self.guard.multipart_inputs(request, kind)
             encoded = False
         else:
             req = self._model(PredictRequest, await self.guard.json(request, self.limits.max_request_bytes))
@@ -340,41 +347,6 @@ class Ingress(OipRoutes):
             return [check_input(k, x, i, self.limits, encoded) for i, (k, x) in enumerate(zip(kinds, raw))]
         size = sum(len(x) for x in raw if isinstance(x, (str, bytes)))
         return await asyncio.to_thread(run) if "image" in kinds and size > _INLINE_CHECK_BYTES else run()
-
-    async def _multipart_inputs(self, request: Request, kind: str) -> tuple[list, Any]:
-        cap = self.limits.max_inputs_per_request * self.limits.max_image_bytes + _MULTIPART_SLACK
-        await self.guard.body(request, min(cap, self.limits.max_request_bytes))
-        try:
-            form = await request.form(max_files=self.limits.max_inputs_per_request + 1,
-                                      max_fields=self.limits.max_inputs_per_request + 8)
-        except Exception as e:  # noqa: BLE001 - starlette raises on malformed / too many parts
-            msg = str(getattr(e, "detail", e))
-            code = 413 if "maximum" in msg.lower() or "too many" in msg.lower() else 400
-            raise ApiError(code, "too_many_inputs" if code == 413 else "bad_multipart",
-                           f"cannot read the multipart body: {msg}") from None
-        top_k: Any = 5
-        inputs = []
-        try:
-            for key, v in form.multi_items():
-                if key == "top_k" and isinstance(v, str):
-                    top_k = v
-                    continue
-                if isinstance(v, str):
-                    if kind == "text" and key in ("inputs", "input", "text", "texts"):
-                        inputs.append(v)
-                    continue
-                data = await v.read(self.limits.max_image_bytes + 1)
-                if kind == "image":
-                    inputs.append(data)
-                else:
-                    try:
-                        inputs.append(data.decode("utf-8"))
-                    except UnicodeDecodeError:
-                        raise ApiError(422, "invalid_input", f"input {len(inputs)}: file is not UTF-8 text") \
-                            from None
-        finally:
-            await form.close()
-        return inputs, top_k
 
     async def _dispatch(self, bbs: list[str], items: list[dict], top_k: int) -> list[dict]:
         """ONE call per backbone with all of this request's inputs for it; answers back in order."""

@@ -65,9 +65,7 @@ class OipRoutes:
         bb, v = await self._resolve(task)
         if version not in (None, "", v):
             raise ApiError(404, "unknown_version", f"task {task!r} is at version {v}, not {version!r}")
-        e = self.index.get(task)
-        if e is None:
-            raise ApiError(404, "unknown_task", f"unknown task {task!r}")
+        e = await self._entry(task)
         return bb, v, e.meta, (await self.backbones())[bb]
 
     # -- server -----------------------------------------------------------------------------------
@@ -118,7 +116,7 @@ class OipRoutes:
         kind, labels = info["kind"], meta.get("labels", [])
         body = await self.guard.body(request, self.limits.max_request_bytes)
         header = request.headers.get(HEADER)
-        args = (body, header, input_name(kind))
+        args = (body, header, input_name(kind), self.limits)
         req = await asyncio.to_thread(parse_infer, *args) if len(body) > 65536 else parse_infer(*args)
         self._check_count(len(req.values))
         raw = req.values
@@ -145,7 +143,7 @@ class OipRoutes:
         self.guard.reader(request)
         body = await self._small_json(request)
         ready_only = isinstance(body, dict) and body.get("ready") is True
-        entries = await asyncio.to_thread(self.index.snapshot, True)
+        entries = await asyncio.to_thread(self.index.snapshot)
         fps = {i["fingerprint"] for i in (await self.backbones()).values()}
         out = []
         for tid, e in sorted(entries.items()):
@@ -182,7 +180,7 @@ class OipRoutes:
             if had:
                 return {}  # the task was deleted; its pin is gone now
             raise ApiError(404, "unknown_task", f"unknown task {task!r}")
-        bb = await self._backbone_for(e.fingerprint)
+        bb = await self._backbone_for(e.fingerprint, e.meta.get("kind", "classification"))
         if bb is not None and not e.broken:
             await self._await_replicas(task, bb, False)
         return {}

@@ -12,6 +12,12 @@ of ``Inference-Header-Content-Length`` bytes followed by raw tensors; a tensor w
 hold ``binary_data_size`` takes the next that many bytes. A binary BYTES tensor is, per element, a
 4-byte little-endian length then the bytes (raw image files, or UTF-8 texts). FP32 is little-endian.
 Nothing here runs a model: malformed tensors raise :class:`ApiError` (400 framing, 422 contract).
+
+Work is bounded before it is done: the JSON header is held to the request's value budget before it is
+parsed (:mod:`.bodies`), a declared ``shape`` larger than the input cap is refused from the header
+alone (413 ``too_many_inputs``, whatever the integers' size), and a binary BYTES tensor is unpacked no
+further than its declared element count. Probabilities that are not finite are never written (JSON
+has no NaN): 422 ``non_finite_result``.
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from .bodies import check_json_budget, header_int
+from .config import Limits
 from .schemas import ApiError
 
 __all__ = ["OUTPUTS", "InferRequest", "input_name", "model_metadata", "parse_infer", "infer_response",
@@ -58,10 +66,12 @@ def _invalid(msg: str) -> ApiError:
     return ApiError(422, "invalid_request", msg)
 
 
-def unpack_bytes(buf: bytes) -> list[bytes]:
-    """A binary BYTES tensor → its elements."""
+def unpack_bytes(buf: bytes, max_items: int | None = None) -> list[bytes]:
+    """A binary BYTES tensor → its elements (422 as soon as there are more than ``max_items``)."""
     out, pos, n = [], 0, len(buf)
     while pos < n:
+        if max_items is not None and len(out) >= max_items:
+            raise _invalid(f"binary BYTES tensor holds more than the {max_items} elements its shape declares")
         if pos + 4 > n:
             raise _bad("binary BYTES tensor ends inside an element length")
         (size,) = struct.unpack_from("<I", buf, pos)
@@ -93,17 +103,17 @@ def _flatten(data: Any) -> list:
     return out
 
 
-def _header_and_rest(body: bytes, header_len: str | None) -> tuple[Any, memoryview]:
-    if header_len is None:
+def _header_and_rest(body: bytes, header_len: str | None, max_inputs: int,
+                     max_values: int) -> tuple[Any, memoryview]:
+    n = header_int(header_len, "Inference-Header-Content-Length", "bad_tensor")
+    if n is None:
         n = len(body)
-    else:
-        if not header_len.strip().isdigit():
-            raise _bad("Inference-Header-Content-Length is not a number")
-        n = int(header_len)
-        if n > len(body):
-            raise _bad(f"Inference-Header-Content-Length is {n} but the body has {len(body)} bytes")
+    elif n > len(body):
+        raise _bad(f"Inference-Header-Content-Length is {n} but the body has {len(body)} bytes")
+    raw = bytes(memoryview(body)[:n])
+    check_json_budget(raw, max_values, max_inputs)
     try:
-        head = json.loads(bytes(memoryview(body)[:n]))
+        head = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise ApiError(400, "bad_json", "the inference request header is not valid JSON") from None
     if not isinstance(head, dict):
@@ -111,11 +121,18 @@ def _header_and_rest(body: bytes, header_len: str | None) -> tuple[Any, memoryvi
     return head, memoryview(body)[n:]
 
 
-def _shape_size(shape: Any, name: str) -> int:
+def _shape_size(shape: Any, name: str, cap: int) -> int:
+    """Elements a shape declares; 413 when over ``cap`` (Python integers: no overflow)."""
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in shape):
         raise _invalid(f"input {name!r}: shape must be a list of non-negative integers")
-    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+    size = 0 if 0 in shape else 1
+    for d in shape:
+        size *= d
+        if size > cap:
+            raise ApiError(413, "too_many_inputs", f"input {name!r} declares shape {str(shape)[:80]}; a request "
+                                                   f"carries at most {cap} inputs")
+    return size
 
 
 def _outputs(head: dict) -> dict[str, bool]:
@@ -138,9 +155,12 @@ def _outputs(head: dict) -> dict[str, bool]:
     return out
 
 
-def parse_infer(body: bytes, header_len: str | None, want_input: str) -> InferRequest:
-    """An infer request body (JSON, or JSON header + binary tensors) → the input values."""
-    head, rest = _header_and_rest(body, header_len)
+def parse_infer(body: bytes, header_len: str | None, want_input: str, limits: Limits | None = None) -> InferRequest:
+    """An infer request body (JSON, or JSON header + binary tensors) → the input values: at most
+    ``limits.max_inputs_per_request`` of them, the JSON header within ``limits.max_json_values``."""
+    limits = limits or Limits()
+    max_inputs = limits.max_inputs_per_request
+    head, rest = _header_and_rest(body, header_len, max_inputs, limits.max_json_values)
     inputs = head.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise _invalid(f"this model takes exactly one input tensor, {want_input!r}")
@@ -150,7 +170,7 @@ def parse_infer(body: bytes, header_len: str | None, want_input: str) -> InferRe
         raise _invalid(f"unknown input {name!r}; this model takes {want_input!r} (BYTES)")
     if t.get("datatype") != "BYTES":
         raise _invalid(f"input {name!r} must be BYTES, got {t.get('datatype')!r}")
-    size = _shape_size(t.get("shape"), name)
+    size = _shape_size(t.get("shape"), name, max_inputs)
     params = t.get("parameters") or {}
     nbin = params.get("binary_data_size") if isinstance(params, dict) else None
     if nbin is not None:
@@ -158,7 +178,7 @@ def parse_infer(body: bytes, header_len: str | None, want_input: str) -> InferRe
             raise _bad(f"input {name!r}: binary_data_size must be a non-negative integer")
         if nbin != len(rest):
             raise _bad(f"input {name!r} declares {nbin} binary bytes; the body carries {len(rest)}")
-        values: list = unpack_bytes(rest)
+        values: list = unpack_bytes(rest, size)
         binary = True
     else:
         if len(rest):
@@ -175,6 +195,9 @@ def parse_infer(body: bytes, header_len: str | None, want_input: str) -> InferRe
 def infer_response(model: str, version: str, probs: np.ndarray, labels: list[str], outputs: dict[str, bool],
                    request_id: str | None = None) -> tuple[bytes, dict[str, str]]:
     """The response body and headers (``Inference-Header-Content-Length`` when any tensor is binary)."""
+    if not np.isfinite(probs).all():
+        bad = int(np.flatnonzero(~np.isfinite(probs).all(axis=-1))[0]) if probs.ndim > 1 else 0
+        raise ApiError(422, "non_finite_result", f"input {bad}: the task's scores are not finite numbers")
     tensors = {"probabilities": ("FP32", list(probs.shape), probs.astype("<f4")),
                "labels": ("BYTES", [len(labels)], labels)}
     out, blobs = [], []
@@ -191,7 +214,7 @@ def infer_response(model: str, version: str, probs: np.ndarray, labels: list[str
     head: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": out}
     if request_id is not None:
         head["id"] = request_id
-    js = json.dumps(head, separators=(",", ":")).encode()
+    js = json.dumps(head, separators=(",", ":"), allow_nan=False).encode()
     if not blobs:
         return js, {"content-type": "application/json"}
     return js + b"".join(blobs), {"content-type": "application/octet-stream",

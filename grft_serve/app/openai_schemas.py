@@ -58,7 +58,7 @@ class _Sampling(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     n: int = Field(1, ge=1)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, validate_default=True)
     seed: int | None = Field(None, ge=-(2 ** 63), lt=2 ** 64)
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -11,9 +11,9 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ApiError", "error_item", "ErrorBody", "ErrorResponse", "TaskOut", "TaskList", "TopK", "Prediction",
-           "PredictResponse", "PredictRequest", "PredictItem", "BatchPredictRequest", "ERR", "ERRORS_READ",
-           "ERRORS_PREDICT"]
+__all__ = ["ApiError", "error_item", "ErrorBody", "ErrorResponse", "TaskOut", "BrokenTask", "TaskList", "TopK",
+           "Prediction", "PredictResponse", "PredictRequest", "PredictItem", "BatchPredictRequest", "ERR",
+           "ERRORS_READ", "ERRORS_PREDICT"]
 
 
 class ApiError(Exception):
@@ -58,11 +58,13 @@ class TaskOut(BaseModel):
 
     task_id: str
     version: str = Field(description="content hash of the package (first 16 hex digits of SHA-256)")
+    kind: str = Field("classification", description="classification (a head over labels) or generation "
+                                                    "(served by /v1/completions and /v1/chat/completions)")
     backbone: str | None = Field(description="backbone deployment serving it (null: no backbone has its base)")
     base_model_id: str
     base_fingerprint: str
     mode: str
-    labels: list[str]
+    labels: list[str] = []
     num_params: int = Field(description="backbone parameters the task changes (rows/columns and biases; "
                                         "the classification head is not counted)")
     bytes: int
@@ -74,8 +76,16 @@ class TaskOut(BaseModel):
                                                      "'replicas': {replica: tier}}")
 
 
+class BrokenTask(BaseModel):
+    task_id: str
+    version: str
+    reason: str = Field(description="why the stored package cannot be served")
+
+
 class TaskList(BaseModel):
     tasks: list[TaskOut]
+    broken: list[BrokenTask] = []
+    next: str | None = Field(None, description="cursor of the next page (pass it as `after`); null on the last")
 
 
 class TopK(BaseModel):

@@ -20,9 +20,16 @@ against ``max_bytes`` before anything is allocated, the metadata and its preproc
 file's first ``8 + n`` bytes; :func:`load_package` then validates the tensors themselves, each
 failure with its own exception class (all subclasses of :class:`PackageError`, which carries an HTTP
 status). :func:`save_package` writes atomically (temp file in the same directory, fsync, rename).
+
+Every value and bias (head included) must be finite and at most :data:`MAX_ABS_VALUE` in magnitude:
+float16's largest finite number (65,504). That is the range every serving dtype (float32, bfloat16,
+float16) can hold, so a package means the same on every engine, and it is orders of magnitude above
+trained weights (an L2 pull to pretrained rows of norm ~1 per entry). Finite but huge values (±3e38)
+would otherwise overflow in the first product and give NaN scores for every input.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,26 +40,30 @@ from torch import nn
 
 from .atomic import TMP_SUFFIX, atomic_write
 from .package_errors import (DtypeError, EmptyPackageError, FingerprintMismatchError, InvalidIndicesError,
-                             MetadataError, NonFiniteError, NotSafetensorsError, PackageError, PackageTooLargeError,
-                             PickleContentError, PreprocessingError, PreprocessingMismatchError, ShapeMismatchError,
-                             TaskKindMismatchError, TruncatedPackageError, UnknownModuleError, UnsupportedFormatError)
-from .package_header import (CLASSIFICATION, DEFAULT_MAX_BYTES, FORMAT_VERSION, GENERATION, INDEX_DTYPES, SUFFIX,
-                             TASK_ID_RE, TASK_KINDS, VALUE_DTYPES, PackageHeader, PackageMeta, read_header,
-                             read_header_info, valid_task_id)
+                             MetadataError, MetadataTooLargeError, NonFiniteError, NotSafetensorsError, PackageError,
+                             PackageTooLargeError, PickleContentError, PreprocessingError, PreprocessingMismatchError,
+                             PreprocessingUnrunnableError, ShapeMismatchError, TaskKindMismatchError,
+                             TruncatedPackageError, UnknownModuleError, UnsupportedFormatError, ValueRangeError)
+from .package_header import (CLASSIFICATION, DEFAULT_MAX_BYTES, FORMAT_VERSION, GENERATION, INDEX_DTYPES,
+                             MAX_METADATA_CHARS, SUFFIX, TASK_ID_RE, TASK_KINDS, VALUE_DTYPES, PackageHeader,
+                             PackageMeta, read_header, read_header_info, valid_task_id)
 from .rowop import COLUMN, ROW, ModuleDelta
 from .spec import BaseSpec
 
 __all__ = [
-    "CLASSIFICATION", "DEFAULT_MAX_BYTES", "FORMAT_VERSION", "GENERATION", "SUFFIX", "TASK_ID_RE", "TASK_KINDS",
-    "PackageHeader", "PackageMeta", "TaskPackage",
+    "CLASSIFICATION", "DEFAULT_MAX_BYTES", "FORMAT_VERSION", "GENERATION", "MAX_ABS_VALUE", "MAX_METADATA_CHARS",
+    "SUFFIX", "TASK_ID_RE", "TASK_KINDS", "PackageHeader", "PackageMeta", "TaskPackage",
     "load_package", "package_bytes", "peek_meta", "read_header", "read_header_info", "read_package_bytes",
     "save_package", "valid_task_id",
     # re-exported: the header (package_header), the errors (package_errors) and the atomic write (atomic)
     "PackageError", "NotSafetensorsError", "TruncatedPackageError", "PickleContentError", "UnsupportedFormatError",
     "MetadataError", "PreprocessingError", "EmptyPackageError", "UnknownModuleError", "ShapeMismatchError",
-    "InvalidIndicesError", "DtypeError", "NonFiniteError", "FingerprintMismatchError",
-    "PreprocessingMismatchError", "PackageTooLargeError", "TaskKindMismatchError", "TMP_SUFFIX", "atomic_write",
+    "InvalidIndicesError", "DtypeError", "NonFiniteError", "ValueRangeError", "FingerprintMismatchError",
+    "PreprocessingMismatchError", "PreprocessingUnrunnableError", "PackageTooLargeError", "MetadataTooLargeError",
+    "TaskKindMismatchError", "TMP_SUFFIX", "atomic_write",
 ]
+
+MAX_ABS_VALUE = float(torch.finfo(torch.float16).max)  # 65504: see the module docstring
 
 @dataclass
 class TaskPackage:
@@ -126,9 +137,15 @@ def _fail_dtype(name: str, t: torch.Tensor, allowed) -> None:
         raise DtypeError(f"tensor {name!r} has dtype {str(t.dtype).replace('torch.', '')}; expected one of {names}")
 
 
-def _check_finite(name: str, t: torch.Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
+def _check_values(name: str, t: torch.Tensor) -> None:
+    """Finite and within ±MAX_ABS_VALUE (one pass: ``amax`` propagates NaN)."""
+    if not t.numel():
+        return
+    m = float(t.detach().abs().amax())
+    if not math.isfinite(m):
         raise NonFiniteError(f"tensor {name!r} contains NaN or Inf values")
+    if m > MAX_ABS_VALUE:
+        raise ValueRangeError(f"tensor {name!r} holds a value of magnitude {m:.3g}; the limit is {MAX_ABS_VALUE:g}")
 
 
 def read_package_bytes(source: str | os.PathLike | bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
@@ -185,9 +202,9 @@ def _check_module(mod: str, g: dict[str, torch.Tensor], mode: str, base: BaseSpe
             raise ShapeMismatchError(f"{mod}.values shape {tuple(vals.shape)} does not hold {k} {mode}s")
         if bias is not None and (bias.dim() != 1 or (mode == COLUMN and bias.shape[0] != vals.shape[0])):
             raise ShapeMismatchError(f"{mod}.bias has shape {tuple(bias.shape)}; expected one value per output")
-    _check_finite(f"{mod}.values", vals)
+    _check_values(f"{mod}.values", vals)
     if bias is not None:
-        _check_finite(f"{mod}.bias", bias)
+        _check_values(f"{mod}.bias", bias)
     return ModuleDelta(mode=mode, indices=idx, values=vals, bias=bias)
 
 
@@ -203,7 +220,7 @@ def _check_head(tensors: dict[str, torch.Tensor], meta: PackageMeta, base: BaseS
     hw, hb = tensors.pop("head.weight"), tensors.pop("head.bias")
     for name, t in (("head.weight", hw), ("head.bias", hb)):
         _fail_dtype(name, t, VALUE_DTYPES)
-        _check_finite(name, t)
+        _check_values(name, t)
     n_cls = len(meta.labels)
     if hw.dim() != 2 or hw.shape[0] != n_cls or hb.shape != (n_cls,):
         raise ShapeMismatchError(f"head shapes {tuple(hw.shape)}/{tuple(hb.shape)} do not match {n_cls} labels")

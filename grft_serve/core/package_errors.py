@@ -5,8 +5,9 @@ from __future__ import annotations
 __all__ = [
     "PackageError", "NotSafetensorsError", "TruncatedPackageError", "PickleContentError", "UnsupportedFormatError",
     "MetadataError", "PreprocessingError", "EmptyPackageError", "UnknownModuleError", "ShapeMismatchError",
-    "InvalidIndicesError", "DtypeError", "NonFiniteError", "FingerprintMismatchError",
-    "PreprocessingMismatchError", "PackageTooLargeError", "TaskKindMismatchError",
+    "InvalidIndicesError", "DtypeError", "NonFiniteError", "ValueRangeError", "FingerprintMismatchError",
+    "PreprocessingMismatchError", "PreprocessingUnrunnableError", "PackageTooLargeError", "MetadataTooLargeError",
+    "TaskKindMismatchError",
 ]
 
 
@@ -69,12 +70,22 @@ class NonFiniteError(PackageError):
     status, code = 422, "non_finite"
 
 
+class ValueRangeError(PackageError):
+    status, code = 422, "value_out_of_range"
+
+
 class FingerprintMismatchError(PackageError):
     status, code = 409, "base_fingerprint_mismatch"
 
 
 class PreprocessingMismatchError(PackageError):
     status, code = 422, "preprocessing_mismatch"
+
+
+class PreprocessingUnrunnableError(PackageError):
+    """The base cannot run the task's preprocessing (a dry run failed, or it is over the pixel budget)."""
+
+    status, code = 422, "preprocessing_unrunnable"
 
 
 class PackageTooLargeError(PackageError):
@@ -85,3 +96,7 @@ class TaskKindMismatchError(PackageError):
     """A generation package sent to a classification backbone, or the reverse."""
 
     status, code = 422, "task_kind_mismatch"
+
+
+class MetadataTooLargeError(PackageError):
+    status, code = 413, "metadata_too_large"

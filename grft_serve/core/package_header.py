@@ -20,12 +20,14 @@ from typing import Any, NamedTuple
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .package_errors import (DtypeError, MetadataError, NotSafetensorsError, PackageTooLargeError, PickleContentError,
-                             PreprocessingError, ShapeMismatchError, TruncatedPackageError, UnsupportedFormatError)
 from .generation import GenerationMeta
+from .package_errors import (DtypeError, MetadataError, MetadataTooLargeError, NotSafetensorsError,
+                             PackageTooLargeError, PickleContentError, PreprocessingError, ShapeMismatchError,
+                             TruncatedPackageError, UnsupportedFormatError)
 from .preprocessing import validate_preprocessing
 
-__all__ = ["CLASSIFICATION", "DEFAULT_MAX_BYTES", "FORMAT_VERSION", "GENERATION", "INDEX_DTYPES", "TASK_KINDS", "MAX_HEADER_BYTES", "MAX_RANK", "SUFFIX",
+__all__ = ["CLASSIFICATION", "DEFAULT_MAX_BYTES", "FORMAT_VERSION", "GENERATION", "INDEX_DTYPES", "MAX_HEADER_BYTES",
+           "MAX_METADATA_CHARS", "MAX_RANK", "SUFFIX", "TASK_KINDS",
            "TASK_ID_RE", "VALUE_DTYPES", "PackageHeader", "PackageMeta", "read_header", "read_header_info",
            "valid_task_id"]
 
@@ -33,6 +35,9 @@ FORMAT_VERSION = 1
 SUFFIX = ".grft.safetensors"
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # the one default package size limit (engine, app, CLI)
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own header limit
+# the ``grft`` metadata JSON (labels, metrics, training config: a few KB to a few hundred KB for
+# thousands of classes); every replica and listing holds it per task
+MAX_METADATA_CHARS = 1 << 20
 MAX_RANK = 8
 TASK_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 VALUE_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
@@ -199,6 +204,8 @@ def _parse_meta(header: dict) -> PackageMeta:
     raw = md.get("grft")
     if raw is None:
         raise MetadataError("package has no 'grft' metadata entry")
+    if len(raw) > MAX_METADATA_CHARS:
+        raise MetadataTooLargeError(f"package metadata is {len(raw)} characters; the limit is {MAX_METADATA_CHARS}")
     try:
         obj = json.loads(raw)
     except (ValueError, RecursionError) as e:

@@ -131,10 +131,12 @@ class ContinuousDecoder:
             for w in self._waiting:
                 if w.rid == rid:
                     self._waiting.remove(w)
+                    self.counters["cancelled"] += 1
                     w.end("cancelled")
                     return
         req = self._reqs.get(rid)
         if req is not None:
+            self.counters["cancelled"] += 1
             req.end("cancelled")
             self.mgr.cancel_request(rid)
             self._done(req)

@@ -136,6 +136,7 @@ class PaddedDecoder:
             keep = []
             for j, (r, t) in enumerate(zip(reqs, tokens)):
                 if r.rid in self._cancelled:
+                    self.counters["cancelled"] += 1
                     r.end("cancelled")
                     continue
                 if not r.push(t):

@@ -37,6 +37,11 @@ class Backbone(nn.Module):
         as they were in training (e.g. the input resolution a task was trained at)."""
         return torch.stack([torch.as_tensor(r) for r in raw])
 
+    def min_decode_side(self, preprocessing: dict | None = None) -> int | None:
+        """The shortest side a decoded image needs for :meth:`preprocess` under ``preprocessing``, so a
+        decoder may reduce a larger one to it (JPEG draft); None: no reduction (non-image backbones)."""
+        return None
+
     def check_preprocessing(self, preprocessing: dict) -> str | None:
         """Why a task trained with ``preprocessing`` cannot be served on this backbone (None: it can)."""
         kind = (preprocessing or {}).get("kind")

@@ -120,7 +120,7 @@ class CausalLMBackbone(Backbone):
         return self.lm(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
 
 
-@register_backbone("causal_lm")
+@register_backbone("causal_lm", task_kind="generation")
 def _create_causal_lm(cfg: BackboneConfig) -> CausalLMBackbone:
     if not cfg.path:
         raise BackboneError("backbone type 'causal_lm' needs a local model path")

@@ -20,15 +20,22 @@ __all__ = ["BackboneConfig", "BackboneFactory", "create_backbone", "load_backbon
            "registered_backbones"]
 
 BackboneFactory = Callable[["BackboneConfig"], "Backbone"]
+TaskKindOf = Callable[["BackboneConfig"], str]
 _FAMILIES: dict[str, BackboneFactory] = {}
+_TASK_KINDS: dict[str, TaskKindOf] = {}
 
 
-def register_backbone(family: str) -> Callable[[BackboneFactory], BackboneFactory]:
-    """Decorator: make ``factory`` the builder of backbone configs with ``type: family``."""
+def register_backbone(family: str, task_kind: str | TaskKindOf = "classification"
+                      ) -> Callable[[BackboneFactory], BackboneFactory]:
+    """Decorator: make ``factory`` the builder of backbone configs with ``type: family``.
+
+    ``task_kind`` says, without building anything, which task packages the family's backbones serve
+    (``classification`` or ``generation``), or computes it from the config (a zoo name)."""
     def deco(factory: BackboneFactory) -> BackboneFactory:
         if family in _FAMILIES and _FAMILIES[family] is not factory:
             raise ValueError(f"backbone family {family!r} is already registered")
         _FAMILIES[family] = factory
+        _TASK_KINDS[family] = task_kind if callable(task_kind) else (lambda cfg, k=task_kind: k)
         return factory
     return deco
 
@@ -63,6 +70,11 @@ class BackboneConfig(BaseModel):
     max_length: int | None = Field(None, ge=1, description="tokens per input (hf: default 128) or the context "
                                                          "window (causal_lm: default 2048)")
     model_kwargs: dict = {}
+
+    @property
+    def task_kind(self) -> str:
+        """``classification`` or ``generation``: what the backbone this config builds serves."""
+        return _TASK_KINDS[self.type](self)
 
     @field_validator("type")
     @classmethod

@@ -8,6 +8,7 @@ the data config a task was trained with (``preprocessing["timm_data_config"]``).
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,8 @@ class TimmBackbone(Backbone):
         return self._eval_tf
 
     def preprocess(self, raw, preprocessing: dict | None = None):
+        """Images → one batch. ``raw`` is iterated once, one image at a time: a lazy iterable that
+        decodes each image when asked holds one full-size image at a time (the serving replica's)."""
         from PIL import Image
 
         tf = self.eval_transform((preprocessing or {}).get("timm_data_config"))
@@ -100,6 +103,15 @@ class TimmBackbone(Backbone):
                 raise TypeError(f"expected a PIL image or a tensor, got {type(r).__name__}")
             out.append(tf(r.convert("RGB")))
         return torch.stack(out)
+
+    def min_decode_side(self, preprocessing: dict | None = None) -> int | None:
+        """timm's eval transform resizes to ``floor(input_size / crop_pct)`` (the shortest side, or each
+        side for ``squash``) before cropping: a decoded image needs no more than the larger of the two."""
+        import timm.data
+
+        dc = (preprocessing or {}).get("timm_data_config") or self.data_config
+        crop = dc.get("crop_pct") or timm.data.DEFAULT_CROP_PCT
+        return max(math.floor(int(x) / crop) for x in tuple(dc["input_size"])[-2:])
 
     def preprocessing_meta(self, input_size: int | None = None) -> dict:
         """The model's data config, or a square ``input_size`` one (resize, never crop: small images

@@ -324,7 +324,10 @@ def load(name: str, max_length: int | None = None) -> Backbone:
     return loader(max_length).eval()
 
 
-@register_backbone("zoo")
+GENERATION = ("smollm2_lm",)  # zoo names that are causal LMs (generation bases)
+
+
+@register_backbone("zoo", task_kind=lambda cfg: "generation" if cfg.name in GENERATION else "classification")
 def _create_zoo(cfg: BackboneConfig) -> Backbone:
     if not cfg.name:
         raise BackboneError("backbone type 'zoo' needs a name")
