@@ -9,16 +9,28 @@ of the same config; ``cpu_s`` is None (the server's CPU time is spent in other p
 
 Exactly-M-token waves need the server to ignore EOS: pass the server's switch in ``extra_body``
 (vLLM's is ``{"ignore_eos": true}``); without one, compare tokens/s over the tokens each wave made.
+
+:func:`start_app` runs grft-serve on a local Ray at 127.0.0.1 with ONE generation backbone (named
+``lm``: the base model's id) configured like the in-process generator, and registers the task
+packages through ``POST /v1/tasks`` as a user would (:func:`bench.generate` ``--http``).
 """
 from __future__ import annotations
 
+import os
+import secrets
+import socket
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Sequence
 
 from bench.gen_workload import Timing, summarize
 
-__all__ = ["http_wave"]
+__all__ = ["BASE_ID", "http_wave", "start_app", "stop_app"]
+
+BASE_ID = "lm"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _one(client, model: str, messages: list[dict], new_tokens: int, extra_body: dict | None, t: Timing) -> None:
@@ -65,3 +77,68 @@ def http_wave(base_url: str, model_ids: Sequence[str], messages: Sequence[list[d
     for th in threads:
         th.join(timeout_s)
     return summarize(timings, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# the app
+# ---------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(url: str, timeout_s: float = 300.0) -> None:
+    import requests
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            if requests.get(f"{url}/healthz", timeout=10).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if time.time() > deadline:
+            raise RuntimeError(f"{url} did not become healthy in {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
+def start_app(backbone: dict, generation: dict, store: str, packages: Sequence[bytes], *, threads: int = 1,
+              num_cpus: int = 2) -> str:
+    """grft-serve with one generation backbone ``lm`` (``backbone``: its :class:`BackboneConfig` fields;
+    ``generation``: its decode loop's options) on a local Ray; ``packages`` registered. Returns the URL."""
+    import ray
+    import requests
+    from ray import serve
+
+    from grft_serve.app import build_app
+
+    os.environ["GRFT_BENCH_ADMIN"] = token = secrets.token_hex(16)  # replicas inherit the driver's environment
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    config = {"store": {"path": store}, "admin_token_env": "GRFT_BENCH_ADMIN", "ingress_num_cpus": 0.1,
+              "backbones": [{"name": BASE_ID, "backbone": backbone, "device": "cpu", "num_cpus": 1,
+                             "torch_threads": threads, "generation": generation}]}
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    t = time.perf_counter()
+    serve.run(build_app(config), name="grft", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    _wait_healthy(url)
+    for data in packages:
+        r = requests.post(f"{url}/v1/tasks", files={"file": ("task.grft.safetensors", data)},
+                          headers={"Authorization": f"Bearer {token}"}, timeout=300)
+        if r.status_code != 201:
+            raise RuntimeError(f"registering a package failed: HTTP {r.status_code} {r.text[:500]}")
+    print(f"[bench] app up at {url} with {len(packages)} tasks in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    return url
+
+
+def stop_app() -> None:
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()

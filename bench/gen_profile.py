@@ -18,6 +18,7 @@ Methods: ``base``, ``tasks=T`` and ``tasks=T no-keep`` (gathers made afresh at e
 interleaved, ``--waves`` each. The probes cost about a microsecond per call (two per linear).
 
     python -m bench.gen_profile                    # SmolLM2-135M, R=16, M=32, T=16, 3 waves per method
+    python -m bench.gen_profile --out bench/results/generate_profile_cpu.jsonl
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from typing import Sequence
 
 from bench.gen_workload import chat_messages, generation_packages, inprocess_wave, task_mix, warm_up
 from bench.generate import load_base
+from bench.records import Records
 from grft_serve.core import package as P
 from grft_serve.core import rowop
 from grft_serve.core.generation import chat_ids
@@ -125,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--tasks", type=int, default=16)
     p.add_argument("--k", type=int, default=2)
     p.add_argument("--waves", type=int, default=3)
+    p.add_argument("--out", default=None, help="also write one JSON line per (step kind, method) here")
     a = p.parse_args(argv)
     import torch
 
@@ -157,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     finally:
         gen.close()
     out = {}
+    rec = Records(a.out) if a.out else None
     print(f"CPU ms per step (median; decode thread's clock), {engine.spec.model_id}, R={a.requests}, "
           f"M={a.new_tokens}, k={a.k}", file=sys.stderr)
     print(f"| method | steps | {' | '.join(PARTS)} |", file=sys.stderr)
@@ -165,9 +169,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for name, *_ in methods:
             s = _summary([x for x in steps[name] if x["decode"] == want])
             out[(kind, name)] = s
+            if s and rec is not None:
+                rec.emit({"bench": "generate_profile", "model": engine.spec.model_id, "decoder": "continuous",
+                          "requests": a.requests, "new_tokens": a.new_tokens, "k": a.k, "step": kind,
+                          "method": name, "steps": sum(x["decode"] == want for x in steps[name]),
+                          **{f"{q}_ms": s[q] for q in PARTS}})
             if s:
                 print(f"| {kind}: {name} | {sum(x['decode'] == want for x in steps[name])} | "
                       + " | ".join(f"{s[q]:.2f}" for q in PARTS) + " |", file=sys.stderr)
+    if rec is not None:
+        rec.close()
     return out
 
 

@@ -31,9 +31,11 @@ def markdown_table(records: Sequence[dict]) -> str:
         return ""
     r0 = records[0]
     lines = [f"Generation on {r0['model']} ({r0['device_name']}): R={r0['requests']} requests x M={r0['new_tokens']} "
-             f"tokens (greedy, EOS ignored), prompts of {'/'.join(map(str, r0['prompt_tokens']))} tokens, GRFT "
+             f"tokens (greedy, EOS {r0['eos']}), prompts of {'/'.join(map(str, r0['prompt_tokens']))} tokens, GRFT "
              f"tasks k={r0['k']} ({r0['task_params']:,} params each), rounds: {r0['rounds']}, "
-             f"load {sum(r['loadavg_1m'] for r in records) / len(records):.1f}.", "",
+             f"load {sum(r['loadavg_1m'] for r in records) / len(records):.1f}; % of "
+             f"{' / '.join(sorted({r['baseline'].rsplit('/', 1)[-1] for r in records}))} of the same decoder and "
+             "workload, per round, median.", "",
              "| " + " | ".join(_COLS) + " |",
              "|" + "|".join("---" if i < 3 else "---:" for i in range(len(_COLS))) + "|"]
     lines += [_row(r) for r in records]

@@ -39,16 +39,19 @@ __all__ = ["Timing", "arrival_offsets", "chat_messages", "generation_packages", 
 # ---------------------------------------------------------------------------------------------
 # tasks and prompts
 # ---------------------------------------------------------------------------------------------
-def generation_packages(backbone, n: int, k: int, seed: int = 0, prefix: str = "gen") -> list[P.TaskPackage]:
+def generation_packages(backbone, n: int, k: int, seed: int = 0, prefix: str = "gen",
+                        eos_token_ids: Sequence[int] = ()) -> list[P.TaskPackage]:
     """``n`` random generation tasks (``kind: generation``, chat format, no head) with ``k`` rows on
-    every patchable linear — what a trained GRFT task looks like to the decode loop."""
+    every patchable linear — what a trained GRFT task looks like to the decode loop. ``eos_token_ids``:
+    the ids that end their completions (empty: the tokenizer's EOS)."""
     spec = backbone.describe()
+    gm = GenerationMeta(format="chat", eos_token_ids=list(eos_token_ids))
     out = []
     for i in range(n):
         pkg = random_package(backbone, f"{prefix}{i:02d}", k=k, n_labels=1, seed=seed + i)
         meta = P.PackageMeta(task_id=pkg.task_id, kind="generation", base_model_id=spec.model_id,
                              base_fingerprint=spec.fingerprint, mode=pkg.meta.mode, k=k,
-                             preprocessing=backbone.preprocessing_meta(), generation=GenerationMeta(format="chat"))
+                             preprocessing=backbone.preprocessing_meta(), generation=gm)
         out.append(P.TaskPackage(meta, pkg.deltas, None, None))
     return out
 
@@ -135,12 +138,15 @@ class _Sink:
 
 
 def inprocess_wave(gen: TextGenerator, tasks: Sequence[str | None], prompts: Sequence[list[int]], new_tokens: int,
-                   arrivals: Sequence[float] | None = None, timeout_s: float = 1800.0) -> dict:
+                   arrivals: Sequence[float] | None = None, timeout_s: float = 1800.0,
+                   ignore_eos: bool = True) -> dict:
     """Submit one request per (task, prompt ids) — at once, or at ``arrivals`` offsets — each asking for
-    exactly ``new_tokens`` greedy tokens with EOS ignored; wait for all; :func:`summarize` it (plus the
-    decoder's steps over the wave)."""
-    params = [replace(gen.params(t, len(ids), max_tokens=new_tokens, temperature=0.0), eos_ids=())
-              for t, ids in zip(tasks, prompts)]
+    ``new_tokens`` greedy tokens, exactly (EOS ignored) unless ``ignore_eos`` is False (then the task's
+    own end rules, as a server applies them); wait for all; :func:`summarize` it (plus the decoder's
+    steps over the wave)."""
+    params = [gen.params(t, len(ids), max_tokens=new_tokens, temperature=0.0) for t, ids in zip(tasks, prompts)]
+    if ignore_eos:
+        params = [replace(p, eos_ids=()) for p in params]
     done, left, lock = threading.Event(), [len(prompts)], threading.Lock()
     timings: list[Timing] = []
     reqs = []

@@ -30,11 +30,18 @@ then the median over rounds: ``pct_of_base`` (tokens/s vs the same decoder's ``b
 ``pct_of_base_cpu`` (CPU per token, base / method), ``x_peft`` (GRFT tasks=T / PEFT tasks=T
 tokens/s), ``x_no_keep`` (tasks=T / tasks=T no-keep), ``x_padded`` (continuous / padded).
 
+``--http`` measures instead HTTP streaming against in-process on the same config: grft-serve on a
+local Ray at 127.0.0.1 (:mod:`bench.gen_http`) with the same decoder options and the same tasks,
+registered through ``POST /v1/tasks``; each round one in-process wave and one wave of streamed
+``/v1/chat/completions`` calls (the official ``openai`` client, one thread per request), for the largest
+T; ``pct_of_base`` is then HTTP tokens/s as a % of in-process.
+
 Output: JSON lines (``--out``, default bench/results/generate_cpu.jsonl; stdout for --smoke) and a
 markdown table (:mod:`bench.gen_table`; ``--table FILE`` writes it too).
 
     python -m bench.generate                       # CPU: R=16, M=32, T=1,4,16, 3 rounds, PEFT (~15 min)
     python -m bench.generate --smoke               # tiny: R=4, M=4, T=1,4, 1 round (< 1 min + model load)
+    python -m bench.generate --http --out bench/results/generate_http_cpu.jsonl   # HTTP vs in-process
     python -m bench.generate --model path/to/hf_causal_lm --decoders continuous --no-peft
 """
 from __future__ import annotations
@@ -43,7 +50,6 @@ import argparse
 import copy
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -60,13 +66,13 @@ if __package__ in (None, ""):  # run as `python bench/generate.py`: make the rep
 import torch  # noqa: E402
 
 from bench.gen_peft import generate_wave, lora_lm  # noqa: E402
+from bench.gen_records import make_records, round_view  # noqa: E402
 from bench.gen_table import markdown_table  # noqa: E402
 from bench.gen_workload import (  # noqa: E402
     arrival_offsets,
     chat_messages,
     generation_packages,
     inprocess_wave,
-    latency_summary,
     task_mix,
     warm_up,
 )
@@ -151,82 +157,6 @@ def _peft_round(plain, pm, rnd: int, args, prompts: list[list[int]], pad_id: int
 
 
 # ---------------------------------------------------------------------------------------------
-# records
-# ---------------------------------------------------------------------------------------------
-def _median(xs: Sequence[float | None]) -> float | None:
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
-def _ratio(rounds: list[dict], key_a, key_b, field: str, invert: bool = False) -> float | None:
-    """Median over rounds of a[field] / b[field] (b / a with ``invert``), both from the same round."""
-    vals = []
-    for r in rounds:
-        a, b = r.get(key_a), r.get(key_b)
-        if a is None or b is None or not a[field] or not b[field]:
-            continue
-        vals.append(b[field] / a[field] if invert else a[field] / b[field])
-    return _median(vals)
-
-
-def make_records(rounds: list[dict], common: dict, args, peft_facts: dict | None = None) -> list[dict]:
-    """One record per (decoder, workload, method) over all rounds, with its ratios (``peft_facts``: the
-    LoRA rank and parameters, on the PEFT records)."""
-    peft_facts = peft_facts or {}
-    big = max(args.tasks)
-    out = []
-    for key in dict.fromkeys(k for r in rounds for k in r):
-        decoder, workload, method = key
-        waves = [r[key] for r in rounds if key in r]
-        base = (decoder, workload, "base")
-        rec = {**common, "decoder": decoder, "workload": workload, "method": method, "tasks": waves[0]["tasks"],
-               "keep_gathers": waves[0]["keep_gathers"], "rounds": len(waves),
-               "tokens_per_s": _median([w["tokens_per_s"] for w in waves]),
-               "tokens_per_s_rounds": [w["tokens_per_s"] for w in waves],
-               "cpu_ms_per_token": _median([w["cpu_ms_per_token"] for w in waves]),
-               **latency_summary([x for w in waves for x in w["ttft_ms"]], "ttft_ms"),
-               **latency_summary([x for w in waves for x in w["itl_ms"]], "itl_ms"),
-               "tokens": waves[0]["tokens"], "tokens_ok": all(w["tokens"] == args.requests * args.new_tokens
-                                                               for w in waves),
-               "decode_steps": _median([w.get("decode_steps") for w in waves]),
-               "errors": sorted({e for w in waves for e in w["errors"]}),
-               "loadavg_1m": statistics.mean(w["loadavg_1m"] for w in waves),
-               "baseline": f"{decoder}/{workload}/base",
-               "pct_of_base": _pct(_ratio(rounds, key, base, "tokens_per_s")),
-               "pct_of_base_cpu": _pct(_ratio(rounds, key, base, "cpu_ms_per_token", invert=True))}
-        if decoder != "hf-generate" and method == f"tasks={big}":
-            rec["x_no_keep"] = _ratio(rounds, key, (decoder, workload, f"tasks={big} no-keep"), "tokens_per_s")
-            rec["x_no_keep_cpu"] = _ratio(rounds, key, (decoder, workload, f"tasks={big} no-keep"),
-                                          "cpu_ms_per_token", invert=True)
-            if workload == "burst":
-                rec["x_peft"] = _ratio(rounds, key, ("hf-generate", "burst", method), "tokens_per_s")
-                rec["x_peft_cpu"] = _ratio(rounds, key, ("hf-generate", "burst", method), "cpu_ms_per_token",
-                                           invert=True)
-        if decoder == "continuous":
-            rec["x_padded"] = _ratio(rounds, key, ("padded", workload, method), "tokens_per_s")
-            rec["ttft_p50_padded_over_continuous"] = _ratio(rounds, ("padded", workload, method), key, "ttft_p50")
-        if method.endswith("no-keep"):
-            same = [r[key]["outputs"] == r[(decoder, workload, f"tasks={big}")]["outputs"]
-                    for r in rounds if key in r and (decoder, workload, f"tasks={big}") in r]
-            rec["same_tokens_as_keep"] = all(same) if same else None
-        if decoder == "hf-generate":
-            rec.update(peft_facts)
-        out.append(rec)
-    return out
-
-
-def _pct(x: float | None) -> float | None:
-    return None if x is None else 100.0 * x
-
-
-def _round_view(rnd: dict) -> dict:
-    """A round's waves plus per-wave TTFT p50 (for the decoder TTFT ratio)."""
-    for w in rnd.values():
-        w["ttft_p50"] = latency_summary(w["ttft_ms"], "ttft_ms")["ttft_ms_p50"]
-    return rnd
-
-
-# ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
 def _int_list(s: str) -> list[int]:
@@ -258,6 +188,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="DecodeSlots.keep_bytes of the keeping methods (default: the engine's)")
     p.add_argument("--context", type=int, default=None, help="context of the base (default: prompt + M, rounded "
                                                              "up to 64)")
+    p.add_argument("--http", action="store_true",
+                   help="instead: HTTP streaming (the app on a local Ray, the openai client) vs in-process, same "
+                        "config (first of --decoders, largest T)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON lines (default bench/results/generate_cpu.jsonl; smoke: stdout)")
@@ -284,57 +217,44 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        return _run(args)
+        return _run_http(args) if args.http else _run(args)
     finally:
         torch.set_num_threads(threads_before)  # main() may run inside another process (tests)
 
 
-def _run(args) -> list[dict]:
-    big = max(args.tasks)
-    t_setup = time.perf_counter()
+def _base(args):
+    """The base, the prompts (ids and messages) and the facts every record carries; sets the context."""
     bb = load_base(args.model, args.context)
-    pad_id = int(bb.tokenizer.pad_token_id or 0)
-    ids = [chat_ids(bb.generation_defaults(), bb.tokenizer, m) for m in chat_messages(args.requests, args.seed)]
+    msgs = chat_messages(args.requests, args.seed)
+    ids = [chat_ids(bb.generation_defaults(), bb.tokenizer, m) for m in msgs]
     args.context = args.context or -(-(max(map(len, ids)) + args.new_tokens) // 64) * 64
     bb.max_length = min(bb.max_length, args.context)
-    plain = pm = facts = None
     common = {"bench": "generate", "device": "cpu",
               "device_name": f"{platform.processor() or platform.machine()} x{args.threads} threads",
               "threads": args.threads, "requests": args.requests, "new_tokens": args.new_tokens,
               "prompt_tokens": sorted({len(i) for i in ids}), "context": bb.max_length, "k": args.k,
               "base_params": sum(p.numel() for p in bb.lm.parameters()), "interval_s": args.interval,
-              "torch": torch.__version__}
-    if args.peft:
-        plain = copy.deepcopy(bb.lm).eval()  # before the engine hooks the base's modules
-        pm, facts = lora_lm(plain, big, args.k)
-        generate_wave(plain, ids[:2], 2, pad_id)  # warm-up
-        generate_wave(pm, ids[:2], 2, pad_id, ["a0", f"a{big - 1}"])
+              "eos": "ignored", "torch": torch.__version__}
+    return bb, ids, msgs, common
+
+
+def _engine(bb, args, common: dict, eos_token_ids: Sequence[int] = ()):
+    """The engine over ``bb`` with the largest T random tasks registered (and their packages' bytes)."""
     engine = Engine(bb, device="cpu")
-    pkgs = generation_packages(bb, big, args.k, seed=args.seed)
-    for pkg in pkgs:
-        engine.register(P.package_bytes(pkg))
-    task_ids = [p.task_id for p in pkgs]
+    pkgs = [P.package_bytes(p) for p in generation_packages(bb, max(args.tasks), args.k, seed=args.seed,
+                                                              eos_token_ids=eos_token_ids)]
+    task_ids = [engine.register(data).task_id for data in pkgs]
     common.update(model=engine.spec.model_id, task_params=engine.task(task_ids[0]).num_params,
                   patchable_linears=len(engine.modules))
     if args.keep_bytes is None:
         args.keep_bytes = DEFAULT_KEEP_BYTES
-    print(f"[bench] setup {time.perf_counter() - t_setup:.0f} s: {len(task_ids)} tasks of {common['task_params']:,} "
-          f"params (k={args.k} rows x {len(engine.modules)} linears), prompts of {common['prompt_tokens']} tokens, "
-          f"context {bb.max_length}" + (f"; PEFT LoRA rank {facts['lora_rank']}: {facts['lora_params']:,} params "
-                                       "per adapter" if pm else ""),
-          file=sys.stderr)
+    return engine, task_ids, pkgs
+
+
+def _finish(args, rounds: list[dict], common: dict, facts: dict | None, base_method: str = "base") -> list[dict]:
     out = Records(args.out)
-    rounds = []
     try:
-        for rnd in range(args.rounds):
-            got: dict = {}
-            decoders = args.decoders if rnd % 2 == 0 else args.decoders[::-1]
-            for d in decoders:
-                got.update({(d, *k): v for k, v in _decoder_round(engine, d, rnd, args, task_ids, ids).items()})
-            if pm is not None and "burst" in args.workloads:
-                got.update({("hf-generate", *k): v for k, v in _peft_round(plain, pm, rnd, args, ids, pad_id).items()})
-            rounds.append(_round_view(got))
-        for rec in make_records(rounds, common, args, facts):
+        for rec in make_records(rounds, common, args, facts, base_method):
             out.emit(rec)
     finally:
         out.close()
@@ -343,6 +263,83 @@ def _run(args) -> list[dict]:
     if args.table:
         Path(args.table).write_text(table + "\n")
     return out.items
+
+
+def _run(args) -> list[dict]:
+    big = max(args.tasks)
+    t_setup = time.perf_counter()
+    bb, ids, _, common = _base(args)
+    pad_id = int(bb.tokenizer.pad_token_id or 0)
+    plain = pm = facts = None
+    if args.peft:
+        plain = copy.deepcopy(bb.lm).eval()  # before the engine hooks the base's modules
+        pm, facts = lora_lm(plain, big, args.k)
+        generate_wave(plain, ids[:2], 2, pad_id)  # warm-up
+        generate_wave(pm, ids[:2], 2, pad_id, ["a0", f"a{big - 1}"])
+    engine, task_ids, _ = _engine(bb, args, common)
+    print(f"[bench] setup {time.perf_counter() - t_setup:.0f} s: {len(task_ids)} tasks of {common['task_params']:,} "
+          f"params (k={args.k} rows x {len(engine.modules)} linears), prompts of {common['prompt_tokens']} tokens, "
+          f"context {bb.max_length}" + (f"; PEFT LoRA rank {facts['lora_rank']}: {facts['lora_params']:,} params "
+                                       "per adapter" if pm else ""),
+          file=sys.stderr)
+    rounds = []
+    for rnd in range(args.rounds):
+        got: dict = {}
+        decoders = args.decoders if rnd % 2 == 0 else args.decoders[::-1]
+        for d in decoders:
+            got.update({(d, *k): v for k, v in _decoder_round(engine, d, rnd, args, task_ids, ids).items()})
+        if pm is not None and "burst" in args.workloads:
+            got.update({("hf-generate", *k): v for k, v in _peft_round(plain, pm, rnd, args, ids, pad_id).items()})
+        rounds.append(round_view(got))
+    return _finish(args, rounds, common, facts)
+
+
+def _run_http(args) -> list[dict]:
+    """HTTP streaming vs in-process on the same config: the decoder ``--decoders[0]``, the largest T,
+    the tasks' own end rules on both paths (their packages end on the vocabulary's last id, which the
+    answers here never produce: every request runs to M tokens; ``tokens_ok`` checks it)."""
+    import tempfile
+
+    from bench.gen_http import BASE_ID, http_wave, start_app, stop_app
+
+    big, decoder = max(args.tasks), args.decoders[0]
+    bb, ids, msgs, common = _base(args)
+    engine, task_ids, pkgs = _engine(bb, args, common, eos_token_ids=[len(bb.tokenizer) - 1])
+    common["eos"] = "the tasks' own (never produced)"
+    opts = {"decoder": decoder, "max_tasks_per_batch": big, "max_requests": args.requests,
+            "max_batch_tokens": max(512, args.requests * max(map(len, ids))),
+            "kv_cache_tokens": args.requests * args.context, "page_size": 32}
+    cfg = {"type": "zoo", "name": args.model[4:]} if args.model.startswith("zoo:") else \
+        {"type": "causal_lm", "path": str(Path(args.model).resolve())}
+    gen = TextGenerator(engine, **opts)
+    rounds = []
+    with tempfile.TemporaryDirectory(prefix="grft-bench-gen-store-") as store:
+        try:
+            url = start_app({**cfg, "max_length": args.context}, opts, store, pkgs, threads=args.threads)
+            tasks = task_mix(task_ids, big, args.requests)
+            models = [t or BASE_ID for t in tasks]
+            http_wave(url, models, msgs, 2)  # warm-up: every task loaded in the replica
+            warm_up(gen, tasks, ids)
+            arrivals = arrival_offsets(args.requests, args.interval, args.seed)
+            for rnd in range(args.rounds):
+                got = {}
+                for workload in args.workloads:
+                    arr = arrivals if workload == "staggered" else None
+                    runs = [("in-process", lambda a=arr: inprocess_wave(gen, tasks, ids, args.new_tokens, a,
+                                                                        ignore_eos=False)),
+                            (f"http tasks={big}", lambda a=arr: http_wave(url, models, msgs, args.new_tokens,
+                                                                          arrivals=a))]
+                    for name, fn in (runs[::-1] if rnd % 2 else runs):
+                        load = os.getloadavg()[0]
+                        r = got[(decoder, workload, name)] = {**fn(), "loadavg_1m": load, "tasks": big,
+                                                              "keep_gathers": True}
+                        print(f"[bench] round {rnd} {decoder:10s} {workload:9s} {name:18s} {r['tokens_per_s']:7.1f} "
+                              f"tok/s  load {load:.1f}", file=sys.stderr)
+                rounds.append(round_view(got))
+        finally:
+            gen.close()
+            stop_app()
+    return _finish(args, rounds, common, None, base_method="in-process")
 
 
 if __name__ == "__main__":

@@ -57,3 +57,22 @@ def test_smoke_bench_reports_every_method_with_sane_figures(tmp_path):
     text = table.read_text()
     assert text.count("\n| ") == len(lines) + 1  # header + one row per record
     assert "PEFT LoRA rank" in text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_http_mode_streams_the_same_wave_through_the_app(tmp_path):
+    pytest.importorskip("ray.serve")
+    pytest.importorskip("openai")
+    model = make_tiny_lm(tmp_path / "lm", initializer_range=0.3)
+    out = tmp_path / "http.jsonl"
+    records = _bench_main()(["--smoke", "--http", "--model", str(model), "--requests", str(R), "--new-tokens",
+                             str(M), "--tasks", "2", "--workloads", "burst", "--out", str(out)])
+    by = {r["method"]: r for r in records}
+    assert set(by) == {"in-process", "http tasks=2"}
+    for r in records:
+        assert r["tokens"] == R * M and r["tokens_ok"] and not r["errors"], r
+        assert r["baseline"] == "continuous/burst/in-process"
+    http = by["http tasks=2"]
+    assert 0 < http["pct_of_base"] and math.isfinite(http["tokens_per_s"]) and http["cpu_ms_per_token"] is None
+    assert http["ttft_ms_p50"] > 0 and http["itl_ms_p50"] > 0
