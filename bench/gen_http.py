@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Sequence
 
-from bench.gen_workload import Timing, summarize
+from bench.gen_workload import Timing, paced, summarize
+from bench.http_load import free_port, wait_healthy
 
 __all__ = ["BASE_ID", "http_wave", "start_app", "stop_app"]
 
@@ -63,15 +63,11 @@ def http_wave(base_url: str, model_ids: Sequence[str], messages: Sequence[list[d
                     max_retries=0)
     timings: list[Timing] = []
     threads: list[threading.Thread] = []
-    t0 = time.perf_counter()
-    for i, (model, msgs) in enumerate(zip(model_ids, messages)):
-        if arrivals is not None:
-            wait = t0 + arrivals[i] - time.perf_counter()
-            if wait > 0:
-                time.sleep(wait)
+    for i in paced(len(model_ids), arrivals):
         t = Timing(time.perf_counter())
         timings.append(t)
-        th = threading.Thread(target=_one, args=(client, model, msgs, new_tokens, extra_body, t), daemon=True)
+        th = threading.Thread(target=_one, args=(client, model_ids[i], messages[i], new_tokens, extra_body, t),
+                              daemon=True)
         th.start()
         threads.append(th)
     for th in threads:
@@ -82,27 +78,6 @@ def http_wave(base_url: str, model_ids: Sequence[str], messages: Sequence[list[d
 # ---------------------------------------------------------------------------------------------
 # the app
 # ---------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_healthy(url: str, timeout_s: float = 300.0) -> None:
-    import requests
-
-    deadline = time.time() + timeout_s
-    while True:
-        try:
-            if requests.get(f"{url}/healthz", timeout=10).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        if time.time() > deadline:
-            raise RuntimeError(f"{url} did not become healthy in {timeout_s:.0f} s")
-        time.sleep(0.5)
-
-
 def start_app(backbone: dict, generation: dict, store: str, packages: Sequence[bytes], *, threads: int = 1,
               num_cpus: int = 2) -> str:
     """grft-serve with one generation backbone ``lm`` (``backbone``: its :class:`BackboneConfig` fields;
@@ -120,12 +95,12 @@ def start_app(backbone: dict, generation: dict, store: str, packages: Sequence[b
                              "torch_threads": threads, "generation": generation}]}
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     t = time.perf_counter()
     serve.run(build_app(config), name="grft", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    _wait_healthy(url)
+    wait_healthy(f"{url}/healthz")
     for data in packages:
         r = requests.post(f"{url}/v1/tasks", files={"file": ("task.grft.safetensors", data)},
                           headers={"Authorization": f"Bearer {token}"}, timeout=300)

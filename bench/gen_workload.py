@@ -23,7 +23,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -33,7 +33,7 @@ from grft_serve.engine import StreamEvent, TextGenerator
 from grft_serve.testing import random_package
 
 __all__ = ["Timing", "arrival_offsets", "chat_messages", "generation_packages", "inprocess_wave", "latency_summary",
-           "summarize", "task_mix", "warm_up"]
+           "paced", "summarize", "task_mix", "warm_up"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,6 +77,18 @@ def arrival_offsets(requests: int, interval_s: float, seed: int = 0) -> list[flo
     g = np.random.default_rng(seed)
     gaps = g.exponential(interval_s, size=max(requests - 1, 0))
     return [0.0, *np.cumsum(gaps).tolist()][:requests]
+
+
+def paced(n: int, arrivals: Sequence[float] | None = None) -> Iterator[int]:
+    """``0 .. n-1``, each yielded at its arrival offset (seconds after the first) when ``arrivals`` is
+    given, else at once."""
+    t0 = time.perf_counter()
+    for i in range(n):
+        if arrivals is not None:
+            wait = t0 + arrivals[i] - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+        yield i
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,15 +163,11 @@ def inprocess_wave(gen: TextGenerator, tasks: Sequence[str | None], prompts: Seq
     timings: list[Timing] = []
     reqs = []
     steps0 = gen.stats().get("decode_steps", 0)
-    c0, t0 = time.process_time(), time.perf_counter()
-    for i, (tid, ids, p) in enumerate(zip(tasks, prompts, params)):
-        if arrivals is not None:
-            wait = t0 + arrivals[i] - time.perf_counter()
-            if wait > 0:
-                time.sleep(wait)
+    c0 = time.process_time()
+    for i in paced(len(prompts), arrivals):
         t = Timing(time.perf_counter())
         timings.append(t)
-        reqs.append(gen.submit(tid, ids, p, _Sink(t, done, left, lock)))
+        reqs.append(gen.submit(tasks[i], prompts[i], params[i], _Sink(t, done, left, lock)))
     if not done.wait(timeout_s):
         raise RuntimeError(f"wave not finished after {timeout_s:.0f} s ({left[0]} requests left)")
     out = summarize(timings, time.process_time() - c0)

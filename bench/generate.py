@@ -41,7 +41,7 @@ markdown table (:mod:`bench.gen_table`; ``--table FILE`` writes it too).
 
     python -m bench.generate                       # CPU: R=16, M=32, T=1,4,16, 3 rounds, PEFT (~15 min)
     python -m bench.generate --smoke               # tiny: R=4, M=4, T=1,4, 1 round (< 1 min + model load)
-    python -m bench.generate --http --out bench/results/generate_http_cpu.jsonl   # HTTP vs in-process
+    python -m bench.generate --http                # HTTP streaming vs in-process (generate_http_cpu.jsonl)
     python -m bench.generate --model path/to/hf_causal_lm --decoders continuous --no-peft
 """
 from __future__ import annotations
@@ -193,7 +193,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "config (first of --decoders, largest T)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="JSON lines (default bench/results/generate_cpu.jsonl; smoke: stdout)")
+    p.add_argument("--out", default=None, help="JSON lines (default bench/results/generate_cpu.jsonl, --http: "
+                                               "generate_http_cpu.jsonl; smoke: stdout)")
     p.add_argument("--table", default=None, help="also write the markdown table to this file")
     a = p.parse_args(argv)
     a.requests = a.requests or (4 if a.smoke else 16)
@@ -202,7 +203,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a.rounds = a.rounds or (1 if a.smoke else 3)
     a.interval = a.interval if a.interval is not None else (0.02 if a.smoke else 0.25)
     if a.out is None and not a.smoke:
-        a.out = str(ROOT / "bench" / "results" / "generate_cpu.jsonl")
+        a.out = str(ROOT / "bench" / "results" / ("generate_http_cpu.jsonl" if a.http else "generate_cpu.jsonl"))
     bad = [d for d in a.decoders if d not in DECODERS] + [w for w in a.workloads if w not in WORKLOADS]
     if bad or not a.decoders or not a.workloads:
         p.error(f"unknown decoder(s)/workload(s) {bad}; decoders: {', '.join(DECODERS)}; workloads: "
