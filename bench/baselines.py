@@ -25,20 +25,34 @@ from torch import nn
 from grft_serve.core.backbones import Backbone
 from grft_serve.core.rowop import conv_with
 from grft_train.config import FitConfig
-from grft_train.fit import build_task_model
+from grft_train.fit import new_head
 from grft_train.model import TaskModel
 from grft_train.select import Selection
 
 __all__ = ["SparsePatch", "SparseTaskModel", "full_ft_builder", "gps_builder", "lora_builder", "lora_count",
-           "lora_rank_for", "lora_targets", "sparse_k"]
+           "lora_rank_for", "lora_targets", "sparse_k", "timed_fit"]
 
 
-def _head(backbone: Backbone, n_classes: int, cfg: FitConfig) -> nn.Linear:
-    """The head GRFT would get (same seed, same initialisation)."""
-    plain = build_task_model(backbone, Selection("row", {}), n_classes, cfg.model_copy(update={"bias": "none"}),
-                             modules=[])
-    plain.close()
-    return plain.head
+def timed_fit(cfg: FitConfig, ctx, selection: Selection, builder=None) -> tuple[dict, float, dict]:
+    """``run_fit`` of one method on a shared run context: (metrics, wall seconds, peak memory)."""
+    import time
+
+    from bench.rss import PeakMemory
+    from grft_train.fit import run_fit
+
+    with PeakMemory(ctx.device) as pm:
+        t0 = time.time()
+        res = run_fit(cfg, ctx, selection=selection, build_model=builder)
+        fit_s = time.time() - t0
+    res.model.close()
+    return res.metrics, fit_s, pm.result()
+
+
+def _head(backbone: Backbone, n_classes: int, cfg: FitConfig) -> nn.Linear | None:
+    """The head GRFT would get (same seed, same initialisation); None for a generation task."""
+    if not n_classes:
+        return None
+    return new_head(backbone.feature_dim, n_classes, cfg).to(next(backbone.parameters()).device)
 
 
 class _Plain(TaskModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import random
 import re
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -17,15 +17,14 @@ from .data import DataError, DataSplits, SampleSet, load_splits
 from .loader import raw_batches
 from .summary import summary_table
 
-__all__ = ["BLOCK_RE", "EMBED_RE", "HEAD_RE", "apply_threads", "autocast_ctx",
-           "build_backbone", "count_params", "fmt_names", "freeze", "is_embed", "is_head", "iter_batches",
-           "load_data", "module_block", "resolve_device", "seed_everything", "task_preprocessing"]
+__all__ = ["EMBED_RE", "HEAD_RE", "apply_threads", "autocast_ctx", "build_backbone", "count_params",
+           "freeze", "is_embed", "is_head", "iter_batches", "load_data", "resolve_device", "seed_everything",
+           "task_preprocessing"]
 
 log = logging.getLogger("grft_train")
 
 HEAD_RE = re.compile(r"(^|\.)(head|heads|classifier|fc|lm_head|pre_logits)(\.|$)")
 EMBED_RE = re.compile(r"(^|\.)(patch_embed|conv_stem|stem|embeddings)(\.|$)")
-BLOCK_RE = re.compile(r"(?:^|\.)(?:blocks|layer|layers|h|stages|block)\.(\d+)(?:\.|$)")
 
 
 def seed_everything(seed: int) -> None:
@@ -82,12 +81,6 @@ def iter_batches(ds: SampleSet, batch_size: int, shuffle: bool = False,
     return raw_batches(ds, batch_size, shuffle, generator)
 
 
-def module_block(name: str) -> int | None:
-    """Index of the transformer/CNN block a module belongs to (first ``blocks.N``/``layer.N`` match)."""
-    m = BLOCK_RE.search(name)
-    return int(m.group(1)) if m else None
-
-
 def is_head(name: str) -> bool:
     return bool(HEAD_RE.search(name))
 
@@ -109,8 +102,3 @@ def count_params(module: nn.Module) -> int:
             seen.add(id(p))
             n += p.numel()
     return n
-
-
-def fmt_names(names: Sequence[str], n: int = 5) -> str:
-    names = list(names)
-    return ", ".join(names[:n]) + (f", ... ({len(names)} total)" if len(names) > n else "")

@@ -20,6 +20,7 @@ from grft_serve.core.files import ConfigFileError, read_yaml_mapping
 from .data import DataConfig
 
 COMMANDS = ("select", "fit", "eval")
+OBJECTIVES = ("auto", "classification", "causal_lm")
 BACKBONE_DOCS = {
     "type": "timm (any timm model) | hf (local transformers directory) | zoo (efficientnet_lite0, minilm, smollm2)",
     "name": "timm model name or zoo name",
@@ -32,16 +33,45 @@ BACKBONE_DOCS = {
 }
 
 
-__all__ = ["ConfigError", "SelectConfig", "FitConfig", "EvalConfig", "COMMANDS", "MODELS", "parse_set",
-           "merge_overrides", "load_config", "options_help"]
+__all__ = ["ConfigError", "SelectConfig", "FitConfig", "EvalConfig", "GenerationConfig", "COMMANDS", "MODELS",
+           "OBJECTIVES", "parse_set", "merge_overrides", "load_config", "options_help"]
 
 
 class ConfigError(ValueError):
     """A run configuration is invalid (unknown key, wrong type, missing file, ...)."""
 
 
+class GenerationConfig(BaseModel):
+    """How a generation task renders its examples and answers (``objective: causal_lm``); recorded in
+    the package as :class:`grft_serve.core.generation.GenerationMeta`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["auto", "completion", "chat"] = Field(
+        "auto", description="auto: chat for {messages} records, completion for {prompt, completion} ones; "
+                            "chat: {prompt, completion} records become a user turn and the assistant's answer "
+                            "(the tokenizer's chat template)")
+    prompt_template: str = Field("{prompt}", description="completion format: text around the prompt, with one "
+                                                         "'{prompt}' (e.g. 'Question: {prompt}\\nAnswer:')")
+    add_special_tokens: bool = Field(False, description="completion format: the tokenizer's special tokens (BOS) "
+                                                        "before the prompt")
+    max_new_tokens: int | None = Field(None, ge=1, le=8192, description="answer length limit recorded in the "
+                                       "package (default: twice the longest training answer, 16..512 tokens)")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="sampling default (0: greedy)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="sampling default (nucleus)")
+    stop: list[str] = Field(default_factory=list, description="stop strings recorded in the package "
+                                                              "(e.g. ['\\n'] for one-line answers)")
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    objective: Literal["auto", "classification", "causal_lm"] = Field(
+        "auto", description="classification (SCL selection, CE + a new head) | causal_lm (selection and training "
+                            "by the cross-entropy of the answer tokens; a generation package) | auto (causal_lm "
+                            "on a causal-LM backbone, else classification)")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig,
+                                         description="causal_lm: prompt format and answer defaults")
 
     backbone: BackboneConfig = Field(default_factory=BackboneConfig,
                                      description="backbone: type timm|hf|zoo, name, weights, path, ...")
@@ -134,11 +164,15 @@ class FitConfig(_Common):
 
 
 class EvalConfig(_Common):
-    """``grft-train eval``: accuracy of a task package on a split."""
+    """``grft-train eval``: accuracy of a task package on a split (generation: exact match, ROUGE-L and
+    answer perplexity, against the base)."""
 
     package: str | None = Field(None, description="task package (.grft.safetensors)")
     split: Literal["train", "val", "test"] = Field("test", description="split to evaluate")
     out: str | None = Field(None, description="optional JSON file for the report")
+    max_new_tokens: int | None = Field(None, ge=1, le=8192, description="generation tasks: answer length limit "
+                                                                      "(default: the package's)")
+    compare_base: bool = Field(True, description="generation tasks: also score the untuned base on the split")
 
 
 MODELS: dict[str, type[_Common]] = {"select": SelectConfig, "fit": FitConfig, "eval": EvalConfig}

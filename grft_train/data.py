@@ -60,6 +60,11 @@ class DataConfig(BaseModel):
     label_names: list[str] | None = Field(None, description="idx: names of label values 0..n-1")
     text_column: str = Field("text", description="csv/jsonl/hf_datasets: column holding the text")
     label_column: str = Field("label", description="csv/jsonl/hf_datasets: column holding the label")
+    prompt_column: str = Field("prompt", description="csv/jsonl, objective causal_lm: column holding the prompt")
+    completion_column: str = Field("completion", description="csv/jsonl, objective causal_lm: column holding the "
+                                                             "answer to learn")
+    messages_column: str = Field("messages", description="jsonl, objective causal_lm: column holding a chat "
+                                                         "([{role, content}, ...], the last one the assistant's)")
     image_column: str | None = Field(None, description="hf_datasets: image column (default: the first "
                                                        "column of type Image, else text_column)")
     label_filter: list[str] | None = Field(None, description="keep only samples with these (raw) label names")
@@ -71,7 +76,8 @@ class DataConfig(BaseModel):
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="fraction carved out for testing (when the "
                                                                   "data has no test split)")
     max_per_class: int | None = Field(None, ge=1, description="subsample the train split to at most this "
-                                                              "many samples per class")
+                                                              "many samples per class (generation data: "
+                                                              "examples in all)")
     max_eval_per_class: int | None = Field(None, ge=1, description="same for the val and test splits")
     seed: int = Field(0, description="seed of the split and of the subsampling")
     workers: int | None = Field(None, ge=0, description="DataLoader worker processes (default: up to 4 for "

@@ -1,4 +1,5 @@
-"""``grft-train eval``: accuracy of a task package on a data split.
+"""``grft-train eval``: accuracy of a task package on a data split (generation packages:
+:mod:`grft_train.geneval`, the task against its base).
 
 The package is loaded with :func:`grft_serve.core.package.load_package` against the backbone's
 :class:`~grft_serve.core.spec.BaseSpec` (fingerprint, shapes, indices all checked) and applied through
@@ -16,20 +17,20 @@ import torch
 from grft_serve.core.backbones import Backbone
 from grft_serve.core.package import load_package
 
-from .common import apply_threads, build_backbone, load_data, resolve_device
 from .config import EvalConfig
+from .context import RunContext
 from .data import DataError, DataSplits, SampleSet
 from .loader import Batches
-from .prepared import evaluate_prepared
 from .model import TaskModel
+from .prepared import evaluate_prepared
 
 __all__ = ["load_task_model", "package_logits", "run_eval"]
 
 
-def load_task_model(package: str | Path, backbone: Backbone) -> TaskModel:
+def load_task_model(package: str | Path, backbone: Backbone, spec=None) -> TaskModel:
     """Backbone + package deltas (via RowOpHooks) + package head. Inputs are prepared by passing
     ``model.meta.preprocessing`` to ``backbone.preprocess`` on each call (the backbone is unchanged)."""
-    pkg = load_package(package, base=backbone.describe())
+    pkg = load_package(package, base=spec or backbone.describe())
     model = TaskModel.from_package(backbone, pkg)
     model.meta = pkg.meta
     return model.eval()
@@ -45,23 +46,35 @@ def _remap(ds: SampleSet, data_labels: list[str], pkg_labels: list[str]) -> Samp
     return SampleSet(ds.source, ds.positions, [m[t] for t in ds.targets], pkg_labels, ds.workers)
 
 
-def run_eval(cfg: EvalConfig, backbone: Backbone | None = None, splits: DataSplits | None = None) -> dict:
+def run_eval(cfg: EvalConfig, ctx: RunContext | None = None, *, backbone: Backbone | None = None,
+             splits: DataSplits | None = None) -> dict:
+    """The report of ``cfg.package`` on ``cfg.split``. Without ``ctx`` one is built from ``cfg``."""
     if not cfg.package:
         raise ValueError("eval needs a package path")
     t0 = time.time()
-    apply_threads(cfg)
-    device = resolve_device(cfg.device)
-    if backbone is None:
-        backbone = build_backbone(cfg, device)
-    model = load_task_model(cfg.package, backbone)
+    ctx = ctx or RunContext.build(cfg, backbone, splits)
+    model = load_task_model(cfg.package, ctx.backbone, ctx.spec)
     try:
-        if splits is None:
-            splits = load_data(cfg, backbone)
-        ds = _remap(splits.split(cfg.split), splits.labels, list(model.meta.labels))
-        data = Batches(ds, backbone, preprocessing=model.meta.preprocessing)
-        res = evaluate_prepared(model, data, device, cfg.batch_size, return_logits=True)
+        if model.meta.kind == "generation":
+            from .geneval import run_generation_eval
+
+            report = {"package": str(cfg.package), "task_id": model.meta.task_id, "split": cfg.split,
+                      **run_generation_eval(cfg, ctx, model)}
+        else:
+            report = _classification_report(cfg, ctx, model)
     finally:
         model.close()
+    report.update(base_model_id=model.meta.base_model_id, seconds=round(time.time() - t0, 2))
+    if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.out).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _classification_report(cfg: EvalConfig, ctx: RunContext, model: TaskModel) -> dict:
+    ds = _remap(ctx.splits.split(cfg.split), ctx.splits.labels, list(model.meta.labels))
+    data = Batches(ds, ctx.backbone, preprocessing=model.meta.preprocessing)
+    res = evaluate_prepared(model, data, ctx.device, cfg.batch_size, return_logits=True)
     logits = res.pop("logits")
     y = np.asarray(ds.targets)
     pred = logits.argmax(1).numpy() if len(logits) else np.zeros(0, dtype=np.int64)
@@ -70,13 +83,8 @@ def run_eval(cfg: EvalConfig, backbone: Backbone | None = None, splits: DataSpli
         m = y == c
         if m.any():
             per_class[name] = float((pred[m] == c).mean())
-    report = {"package": str(cfg.package), "task_id": model.meta.task_id, "split": cfg.split,
-              "accuracy": res["acc"], "loss": res["loss"], "n": res["n"], "per_class_accuracy": per_class,
-              "base_model_id": model.meta.base_model_id, "seconds": round(time.time() - t0, 2)}
-    if cfg.out:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text(json.dumps(report, indent=2))
-    return report
+    return {"package": str(cfg.package), "task_id": model.meta.task_id, "split": cfg.split,
+            "accuracy": res["acc"], "loss": res["loss"], "n": res["n"], "per_class_accuracy": per_class}
 
 
 @torch.no_grad()

@@ -2,22 +2,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch
 
 from .plots import pyplot, save_figure
 
-if TYPE_CHECKING:
-    from .select import Selection
-
 __all__ = ["heatmap"]
 
 
-def heatmap(sel: "Selection", spec, path: str | Path, bins: int = 64) -> Path:
+def heatmap(sel: Any, spec, path: str | Path, bins: int = 64) -> Path:
     """PNG: one line per module; colour = gradient score (binned max, normalised per module),
-    white dots = selected rows/columns (relative position within the matrix)."""
+    white dots = selected rows/columns (relative position within the matrix).
+
+    ``sel``: a :class:`grft_train.select.Selection` (its ``mode``, ``indices``, ``scores``, ``k`` and
+    ``meta``); this module depends on the plotting helpers only."""
     plt = pyplot()
 
     names = list(sel.meta.get("eligible_modules") or sel.indices)
@@ -49,7 +49,7 @@ def heatmap(sel: "Selection", spec, path: str | Path, bins: int = 64) -> Path:
     ax.set_xlabel(f"relative {'column' if sel.mode == 'column' else 'row'} position ({bins} bins)")
     ax.set_title(f"GRFT selection ({sel.mode}, k={_k_label(sel.k)}) on {sel.meta.get('base_model_id')}")
     ax.legend(loc="upper right", fontsize=7)
-    fig.colorbar(im, ax=ax, label="sum of squared SCL grads / layer max")
+    fig.colorbar(im, ax=ax, label="sum of squared loss gradients / layer max")
     return save_figure(fig, path)
 
 

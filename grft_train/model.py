@@ -6,6 +6,9 @@ never written; the hooks compute the patched outputs from the frozen ones.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -24,12 +27,14 @@ def _key(name: str) -> str:
 class TaskModel(nn.Module):
     """``logits = head(backbone(batch))`` with ``deltas`` applied to the backbone's modules.
 
-    ``values``/``biases`` (dicts module -> tensor) become parameters when ``trainable``.
+    ``values``/``biases`` (dicts module -> tensor) become parameters when ``trainable``. A generation
+    task has no head (``head=None``): its outputs are the backbone's own (a causal LM's logits);
+    :meth:`applied` runs any code on the patched backbone (the answer-token loss, ``generate()``).
     """
 
     def __init__(self, backbone: Backbone, mode: str, indices: dict[str, torch.Tensor],
                  values: dict[str, torch.Tensor], biases: dict[str, torch.Tensor | None],
-                 head: nn.Linear, trainable: bool = True):
+                 head: nn.Linear | None, trainable: bool = True):
         super().__init__()
         self.backbone = backbone
         self.mode = mode
@@ -69,16 +74,22 @@ class TaskModel(nn.Module):
                 for n in self.names}
 
     # -- forward -------------------------------------------------------------------------------
-    def features(self, batch) -> torch.Tensor:
+    @contextmanager
+    def applied(self) -> Iterator["TaskModel"]:
+        """The task's deltas are active on the backbone's modules inside the block (and only there)."""
         self.hooks.active = self.deltas()
         try:
-            return self.backbone(batch)
+            yield self
         finally:
             self.hooks.active = {}
 
+    def features(self, batch) -> torch.Tensor:
+        with self.applied():
+            return self.backbone(batch)
+
     def forward(self, batch) -> torch.Tensor:
         f = self.features(batch)
-        return self.head(f)
+        return self.head(f) if self.head is not None else f
 
     def train(self, mode: bool = True):
         """Only the head follows train/eval; the frozen backbone always runs in eval mode
@@ -92,10 +103,11 @@ class TaskModel(nn.Module):
 
     @classmethod
     def from_package(cls, backbone: Backbone, pkg: TaskPackage) -> "TaskModel":
-        head = pkg.head()
+        head = pkg.head() if pkg.head_weight is not None else None
         dev = next(backbone.parameters()).device
         dt = next(backbone.parameters()).dtype
         idx = {n: d.indices for n, d in pkg.deltas.items()}
         vals = {n: d.values.to(dt) for n, d in pkg.deltas.items()}
         biases = {n: (d.bias.to(dt) if d.bias is not None else None) for n, d in pkg.deltas.items()}
-        return cls(backbone, pkg.meta.mode, idx, vals, biases, head.to(dev), trainable=False)
+        return cls(backbone, pkg.meta.mode, idx, vals, biases, head.to(dev) if head is not None else None,
+                   trainable=False)

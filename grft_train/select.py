@@ -1,9 +1,10 @@
-"""GRFT parameter selection: SCL gradients on the pretrained weights -> top-k rows/columns.
+"""GRFT parameter selection: gradients of the task's loss on the pretrained weights -> top-k rows/columns.
 
 For every eligible patchable module (``nn.Linear``/``nn.Conv2d`` of the backbone, heads excluded,
-optionally without the patch/stem embedding) the squared SCL gradients are accumulated over N
-batches (no zeroing between batches, as GPS does) and summed per row (over every dim but 0) or per
-column (over every dim but 1). The top-k rows/columns of each matrix are kept; ``budget`` turns a
+optionally without the patch/stem embedding) the gradients of the run objective's selection loss
+(SCL for classification, the answer-token cross-entropy for ``causal_lm``: :mod:`grft_train.objective`)
+are accumulated over N batches (no zeroing between batches, as GPS does); their squares are summed
+per row (over every dim but 0) or per column (over every dim but 1). The top-k rows/columns of each matrix are kept; ``budget`` turns a
 global fraction of backbone parameters into a per-matrix k. ``sparse`` keeps GPS's top-k entries of
 each row instead (a baseline: such a selection cannot be packaged).
 
@@ -29,19 +30,17 @@ from grft_serve.core.backbones import Backbone
 from grft_serve.core.spec import iter_patchable, slice_count, slice_numel
 from grft_serve.core.package import atomic_write
 
-from .common import (apply_threads, build_backbone, count_params, is_embed, is_head, iter_batches, load_data,
-                     resolve_device, seed_everything, task_preprocessing)
+from .common import is_embed, is_head, seed_everything
 from .config import SelectConfig
-from .data import SampleSet
-from .layers import describe_regularised
+from .context import RunContext
 from .heatmap import heatmap
-from .scl import SCLViews, supcon_loss
+from .layers import describe_regularised
 
 log = logging.getLogger("grft_train.select")
 META_KEY = "grft_selection"
 
 __all__ = ["SelectionError", "Selection", "eligible_modules", "slice_scores", "topk_indices", "sparse_indices",
-           "budget_to_k", "subset_losses", "accumulate_grads", "select_from_grads", "SCLGrads", "scl_gradients",
+           "budget_to_k", "subset_losses", "accumulate_grads", "select_from_grads", "Gradients", "selection_grads",
            "build_selection", "run_select", "save_selection", "regularised_summary"]
 
 
@@ -189,51 +188,30 @@ def budget_to_k(shapes: dict[str, tuple[int, ...]], mode: str, total_params: int
 # ---------------------------------------------------------------------------------------------
 # gradients
 # ---------------------------------------------------------------------------------------------
-def _subsets(ds: SampleSet, n: int, seed: int) -> list[SampleSet]:
-    """Split ``ds`` into n disjoint, class-stratified subsets (deterministic for ``seed``)."""
-    if n <= 1:
-        return [ds]
-    rng = np.random.default_rng(seed + 7919)
-    t = np.asarray(ds.targets)
-    parts: list[list[int]] = [[] for _ in range(n)]
-    for c in np.unique(t):
-        idx = np.flatnonzero(t == c)
-        idx = idx[rng.permutation(len(idx))]
-        for j, chunk in enumerate(np.array_split(idx, n)):
-            parts[(j + int(c)) % n].extend(int(i) for i in chunk)
-    if any(len(p) == 0 for p in parts):
-        raise SelectionError(f"cannot split {len(ds)} training samples into {n} non-empty subsets")
-    return [ds.subset(sorted(p)) for p in parts]
-
-
-def subset_losses(backbone: Backbone, views: SCLViews, subsets: list[SampleSet], cfg: SelectConfig,
-                  device: torch.device) -> list[float]:
-    """Mean SCL loss of each subset (no gradients), with the same augmentation seed for each."""
+def subset_losses(ctx: RunContext, subsets: list, cfg: SelectConfig) -> list[float]:
+    """Mean selection loss of each subset (no gradients), with the same random seed for each."""
     out = []
     for s in subsets:
         torch.manual_seed(cfg.seed)
         tot, n = 0.0, 0
         with torch.no_grad():
-            for b, (raws, y) in enumerate(iter_batches(s, cfg.batch_size)):
+            for b, item in enumerate(ctx.objective.grad_batches(s, cfg.batch_size, np.random.default_rng(cfg.seed))):
                 if cfg.num_batches is not None and b >= cfg.num_batches:
                     break
-                loss = supcon_loss(views.features(raws, device), y.to(device), cfg.temperature)
-                tot += float(loss) * len(raws)
-                n += len(raws)
+                loss, m = ctx.objective.grad_loss(item, ctx.device, cfg)
+                tot += float(loss) * m
+                n += m
         out.append(tot / max(n, 1))
     return out
 
 
-def accumulate_grads(backbone: Backbone, modules: list[tuple[str, nn.Module]], ds: SampleSet,
-                     cfg: SelectConfig, device: torch.device,
-                     views: SCLViews | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """SCL gradients w.r.t. the weights of ``modules`` accumulated over the batches of ``ds``
-    (one full pass unless ``cfg.num_batches`` caps it), streamed: each batch's graph is freed by its
-    backward, so memory holds one batch's activations plus one gradient per weight. ``views``
-    default to the run's preprocessing (:func:`~grft_train.common.task_preprocessing`).
-
-    Weights are only marked ``requires_grad`` for the duration; they are never written."""
-    views = views or SCLViews(backbone, preprocessing=task_preprocessing(backbone, cfg))
+def accumulate_grads(ctx: RunContext, modules: list[tuple[str, nn.Module]], ds, cfg: SelectConfig
+                     ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Gradients of the objective's selection loss w.r.t. the weights of ``modules``, accumulated
+    over the batches of ``ds`` (one full pass unless ``cfg.num_batches`` caps it), streamed: each
+    batch's graph is freed by its backward, so memory holds one batch's activations plus one
+    gradient per weight. Weights are only marked ``requires_grad`` for the duration; they are never
+    written."""
     weights = [m.weight for _, m in modules]
     for w in weights:
         w.grad = None
@@ -248,17 +226,18 @@ def accumulate_grads(backbone: Backbone, modules: list[tuple[str, nn.Module]], d
         n_batches = math.ceil(len(ds) / cfg.batch_size)
         if cfg.num_batches is not None:
             n_batches = min(n_batches, cfg.num_batches)
-        bar = tqdm(total=n_batches, desc="select (SCL grads)", disable=None if cfg.progress else True, leave=False)
-        for b, (raws, y) in enumerate(iter_batches(ds, cfg.batch_size, shuffle=True, generator=rng)):
+        bar = tqdm(total=n_batches, desc=f"select ({ctx.objective.name} grads)", disable=None if cfg.progress else True,
+                   leave=False)
+        for b, item in enumerate(ctx.objective.grad_batches(ds, cfg.batch_size, rng)):
             if b >= n_batches:
                 break
-            loss = supcon_loss(views.features(raws, device), y.to(device), cfg.temperature)
+            loss, m = ctx.objective.grad_loss(item, ctx.device, cfg)
             if loss.requires_grad:
                 loss.backward()  # adds into .grad and frees this batch's graph: one batch alive at a time
             losses.append(float(loss.detach()))
-            seen += len(raws)
+            seen += m
             bar.update(1)
-            bar.set_postfix(scl=f"{losses[-1]:.3f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
         bar.close()
         grads = {}
         for (name, _), w in zip(modules, weights):
@@ -268,7 +247,7 @@ def accumulate_grads(backbone: Backbone, modules: list[tuple[str, nn.Module]], d
         for w in weights:
             w.grad = None
             w.requires_grad_(False)
-    return grads, {"scl_losses": losses, "batches": len(losses), "samples": seen, "views": views.method}
+    return grads, {**ctx.objective.grad_info(), "losses": losses, "batches": len(losses), "samples": seen}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,48 +267,47 @@ def select_from_grads(grads: dict[str, torch.Tensor], mode: str, k: int, budget:
 
 
 @dataclass
-class SCLGrads:
-    """One pass of SCL gradients (every mode and k can be selected from it)."""
+class Gradients:
+    """One pass of selection gradients (every mode and k can be selected from it)."""
 
     grads: dict[str, torch.Tensor]  # module -> accumulated gradient (modules with a nonzero one)
-    meta: dict[str, Any]  # eligible/zero-grad modules, subset losses, SCL info, seconds
+    meta: dict[str, Any]  # eligible/zero-grad modules, subset losses, loss info, seconds
 
 
-def scl_gradients(cfg: SelectConfig, backbone: Backbone, splits, device: torch.device) -> SCLGrads:
-    """Accumulate SCL gradients for every module eligible in ``cfg.mode`` (``row`` covers every mode:
-    a column selection drops the grouped convs from it)."""
+def selection_grads(cfg: SelectConfig, ctx: RunContext) -> Gradients:
+    """Accumulate the objective's selection gradients for every module eligible in ``cfg.mode``
+    (``row`` covers every mode: a column selection drops the grouped convs from it)."""
     t0 = time.time()
-    modules = eligible_modules(backbone, cfg.include_patch_embed, cfg.include, cfg.exclude, cfg.mode)
-    subsets = _subsets(splits.train, cfg.subsets, cfg.seed)
-    views = SCLViews(backbone, preprocessing=task_preprocessing(backbone, cfg))
+    modules = eligible_modules(ctx.backbone, cfg.include_patch_embed, cfg.include, cfg.exclude, cfg.mode)
+    subsets = ctx.objective.subsets(ctx.splits.train, cfg.subsets, cfg.seed)
     losses = None
     chosen = 0
     if len(subsets) > 1:
-        losses = subset_losses(backbone, views, subsets, cfg, device)
+        losses = subset_losses(ctx, subsets, cfg)
         chosen = int(np.argmin(losses))
-        log.info("subset SCL losses %s -> subset %d", losses, chosen)
-    grads, ginfo = accumulate_grads(backbone, modules, subsets[chosen], cfg, device, views)
+        log.info("subset losses %s -> subset %d", losses, chosen)
+    grads, ginfo = accumulate_grads(ctx, modules, subsets[chosen], cfg)
     unused = [n for n, g in grads.items() if not bool(g.abs().sum() > 0)]
     if len(unused) == len(grads):
-        raise SelectionError("every SCL gradient is zero: the selection data gave no signal")
+        raise SelectionError("every selection gradient is zero: the selection data gave no signal")
     if unused:  # modules the forward never runs (e.g. an unused pooler): nothing to learn there
         log.info("skipping %d modules with zero gradient: %s", len(unused), unused[:5])
         grads = {n: g for n, g in grads.items() if n not in unused}
     meta = {"eligible_modules": [n for n, _ in modules], "zero_grad_modules": unused, "subsets": cfg.subsets,
-            "subset_losses": losses, "chosen_subset": chosen, "subset_size": len(subsets[chosen]), "scl": ginfo,
-            "grad_seconds": round(time.time() - t0, 2)}
-    return SCLGrads(grads, meta)
+            "subset_losses": losses, "chosen_subset": chosen, "subset_size": len(subsets[chosen]), "grads": ginfo,
+            "objective": ctx.objective.name, "grad_seconds": round(time.time() - t0, 2)}
+    return Gradients(grads, meta)
 
 
-def build_selection(g: SCLGrads, backbone: Backbone, labels: list[str], cfg: SelectConfig) -> Selection:
+def build_selection(g: Gradients, ctx: RunContext, cfg: SelectConfig) -> Selection:
     """Top-k (or budgeted) rows/columns/entries of ``g`` for ``cfg.mode``/``cfg.k``/``cfg.budget``."""
-    spec = backbone.describe()
+    spec = ctx.spec
     grads = g.grads
     eligible = g.meta["eligible_modules"]
     if cfg.mode == "column":
         grads = {n: t for n, t in grads.items() if spec.modules[n].supports_columns()}
         eligible = [n for n in eligible if spec.modules[n].supports_columns()]
-    total = count_params(backbone)
+    total = ctx.total_params
     idx, scores = select_from_grads(grads, cfg.mode, cfg.k, cfg.budget, total)
     idx = {n: i for n, i in idx.items() if i.shape[-1] > 0}
     selected = sum(int(i.numel()) * (1 if cfg.mode == "sparse" else spec.modules[n].slice_numel(cfg.mode))
@@ -338,33 +316,30 @@ def build_selection(g: SCLGrads, backbone: Backbone, labels: list[str], cfg: Sel
         "format": "grft-selection/1",
         "base_model_id": spec.model_id,
         "base_fingerprint": spec.fingerprint,
-        "labels": labels,
+        "labels": ctx.labels,
         "modules": list(idx),
         "eligible_modules": eligible,
         "budget": cfg.budget,
         "selected_values": selected,
         "backbone_params": total,
         "selected_fraction": selected / total,
-        "preprocessing": task_preprocessing(backbone, cfg),
+        "preprocessing": ctx.preprocessing,
         "config": cfg.model_dump(mode="json"),
         "packageable": cfg.mode != "sparse",
     })
     return Selection(cfg.mode, idx, scores, meta)
 
 
-def run_select(cfg: SelectConfig, backbone: Backbone | None = None, splits=None) -> Selection:
-    """Compute and save a selection (``cfg.out``); returns it."""
+def run_select(cfg: SelectConfig, ctx: RunContext | None = None, *, backbone: Backbone | None = None,
+               splits=None) -> Selection:
+    """Compute and save a selection (``cfg.out``); returns it. Without ``ctx`` one is built from
+    ``cfg`` (with ``backbone`` / ``splits`` if given)."""
     t0 = time.time()
     seed_everything(cfg.seed)
-    apply_threads(cfg)
-    device = resolve_device(cfg.device)
-    if backbone is None:
-        backbone = build_backbone(cfg, device)
-    if splits is None:
-        splits = load_data(cfg, backbone)
-    sel = build_selection(scl_gradients(cfg, backbone, splits, device), backbone, splits.labels, cfg)
+    ctx = ctx or RunContext.build(cfg, backbone, splits)
+    sel = build_selection(selection_grads(cfg, ctx), ctx, cfg)
     sel.meta["seconds"] = round(time.time() - t0, 2)
-    save_selection(sel, cfg.out, backbone.describe(), cfg.heatmap)
+    save_selection(sel, cfg.out, ctx.spec, cfg.heatmap)
     return sel
 
 

@@ -26,11 +26,11 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-__all__ = ["DataError", "Source", "SPLIT_NAMES", "split_dirs", "image_folder", "read_idx", "idx_source",
+__all__ = ["DataError", "Source", "SPLIT_NAMES", "split_dirs", "image_folder", "read_idx", "idx_source", "read_rows",
            "text_source", "hf_sources", "fashion_mnist_dir", "fashion_mnist_files", "rotten_tomatoes_path",
            "FASHION_MNIST_LABELS"]
 
@@ -232,44 +232,46 @@ def _open_text(path: Path) -> io.StringIO:
         raise DataError(f"{path}: corrupt compressed file or not UTF-8 text: {e}") from None
 
 
-def _read_records(path: Path, fmt: str, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
-    f = _open_text(path)
-    texts, labels = [], []
+def read_rows(path: str | os.PathLike, fmt: str) -> Iterator[tuple[int, dict]]:
+    """``(line number, row)`` for every record of a CSV (header row first) or JSONL file (blank lines
+    skipped); a malformed file is a :class:`DataError` naming the line."""
+    p = _need_file(path, f"{fmt} file")
+    f = _open_text(p)
     if fmt == "csv":
         try:
             reader = csv.DictReader(f)
-            cols = reader.fieldnames or []
-            for col, what in ((text_column, "text_column"), (label_column, "label_column")):
-                if col not in cols:
-                    raise DataError(f"{path}: unknown {what} {col!r}; columns are {cols}")
             for row in reader:
-                t, lab = row.get(text_column), row.get(label_column)
-                if t is not None and lab is not None:
-                    texts.append(t)
-                    labels.append(lab.strip())
+                yield reader.line_num, row
         except csv.Error as e:
-            raise DataError(f"{path}: malformed CSV: {e}") from None
-    else:
-        seen: set[str] = set()
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: invalid JSON: {e}") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object per line")
-            seen.update(obj)
-            if text_column in obj and label_column in obj:
-                texts.append(str(obj[text_column]))
-                labels.append(str(obj[label_column]).strip())
-        if not texts:
-            for col, what in ((text_column, "text_column"), (label_column, "label_column")):
-                if col not in seen:
-                    raise DataError(f"{path}: unknown {what} {col!r}; keys are {sorted(seen)}")
+            raise DataError(f"{p}: malformed CSV: {e}") from None
+        return
+    for n, line in enumerate(f, 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}:{n}: invalid JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{p}:{n}: expected a JSON object per line")
+        yield n, obj
+
+
+def _read_records(path: Path, fmt: str, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
+    texts, labels = [], []
+    seen: set[str] = set()
+    for _, row in read_rows(path, fmt):
+        seen.update(row)
+        t, lab = row.get(text_column), row.get(label_column)
+        if t is not None and lab is not None:
+            texts.append(str(t))
+            labels.append(str(lab).strip())
     if not texts:
+        for col, what in ((text_column, "text_column"), (label_column, "label_column")):
+            if seen and col not in seen:
+                raise DataError(f"{path}: unknown {what} {col!r}; {'columns' if fmt == 'csv' else 'keys'} are "
+                                f"{sorted(seen)}")
         raise DataError(f"{path}: no records")
     return texts, labels
 

@@ -1,6 +1,6 @@
 """The dataset summary printed at the start of select / fit / eval.
 
-One table: a row per class with its sample count in each split, a total row, then where the data
+Classification data: one table, a row per class with its sample count in each split, a total row, then where the data
 came from (and which split layout was detected), which splits were carved from train, and the input
 sizes seen in a sample of the train split (image width × height, or words per text) next to what
 the backbone is fed.
@@ -13,7 +13,7 @@ import numpy as np
 
 from .data import SPLITS, DataSplits
 
-__all__ = ["summary_table", "input_sizes"]
+__all__ = ["generation_summary", "summary_table", "input_sizes"]
 
 
 def input_sizes(splits: DataSplits, n: int = 16) -> str:
@@ -73,6 +73,29 @@ def summary_table(splits: DataSplits, backbone=None, preprocessing: dict | None 
     if info.get("layout"):
         lines.append(f"layout: {info['layout']}")
     lines.append(f"inputs: {input_sizes(splits)}")
+    model = _model_input(backbone, preprocessing)
+    if model:
+        lines.append(f"model: {model}")
+    return "\n".join(lines)
+
+
+def _words(texts: list[str]) -> str:
+    if not texts:
+        return "-"
+    w = np.array([len(t.split()) for t in texts])
+    return f"{w.min()}-{w.max()} (median {int(np.median(w))})"
+
+
+def generation_summary(splits: DataSplits, backbone=None, preprocessing: dict | None = None) -> str:
+    """Generation data: examples per split, words per prompt and per answer, the record kind."""
+    lines = [f"generation data ({splits.info.get('layout', 'records')}): "
+             + ", ".join(f"{s} {len(splits.split(s))}" + (" (carved)" if s in splits.info.get("carved", ()) else "")
+                         for s in SPLITS)]
+    first = [splits.train[i] for i in range(min(64, len(splits.train)))]
+    lines.append(f"words per prompt {_words([e.question for e in first])}, per answer "
+                 f"{_words([e.answer for e in first])} (first {len(first)} train examples)")
+    for s, where in (splits.info.get("sources") or {}).items():
+        lines.append(f"{s} source: {where}")
     model = _model_input(backbone, preprocessing)
     if model:
         lines.append(f"model: {model}")

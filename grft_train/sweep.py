@@ -1,6 +1,6 @@
 """``grft-train sweep``: tune k and λ per dataset the way the GRFT paper does (its Tables 6–7).
 
-One pass of SCL gradients serves every (mode, k): each is a top-k cut of the same scores. Each
+One pass of selection gradients serves every (mode, k): each is a top-k cut of the same scores. Each
 (mode, k, λ) is then trained by ``fit`` with the run file's other settings; the run with the best
 **validation** accuracy wins (ties: fewer trainable parameters, then the smaller λ) and its package
 is copied to ``<out_dir>/<task_id>.grft.safetensors``. Test accuracy is reported for every run but
@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .common import apply_threads, build_backbone, load_data, resolve_device, seed_everything
+from .common import seed_everything
 from .config import FitConfig, SelectConfig
+from .context import RunContext
 from .fit import FitError, run_fit
 from .plots import pyplot, save_figure
-from .select import build_selection, save_selection, scl_gradients
+from .select import build_selection, save_selection, selection_grads
 
 __all__ = ["SweepError", "parse_floats", "parse_ints", "run_sweep"]
 log = logging.getLogger("grft_train.sweep")
@@ -51,7 +52,9 @@ def parse_floats(text: str, what: str) -> list[float]:
 
 
 def _best(runs: list[dict]) -> dict:
-    return max(runs, key=lambda r: (r["val_acc"] if r["val_acc"] is not None else -1.0,
+    """Highest validation score (classification: accuracy; generation: −answer loss), then fewer
+    trainable parameters, then the smaller λ."""
+    return max(runs, key=lambda r: (r["val_score"] if r["val_score"] is not None else -float("inf"),
                                     -r["trainable_pct"], -r["l2_lambda"]))
 
 
@@ -65,38 +68,34 @@ def run_sweep(scfg: SelectConfig, fcfg: FitConfig, ks: Sequence[int], l2s: Seque
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     seed_everything(scfg.seed)
-    apply_threads(scfg)
-    device = resolve_device(scfg.device)
-    backbone = build_backbone(scfg, device)
-    splits = load_data(scfg, backbone)
-    if not len(splits.val):
-        raise SweepError("the sweep picks by validation accuracy: the val split is empty (set data.val_fraction)")
-    grads = scl_gradients(scfg.model_copy(update={"mode": "row"}), backbone, splits, device)
-    spec = backbone.describe()
+    ctx = RunContext.build(scfg)
+    if not len(ctx.splits.val):
+        raise SweepError("the sweep picks by validation score: the val split is empty (set data.val_fraction)")
+    grads = selection_grads(scfg.model_copy(update={"mode": "row"}), ctx)
     runs: list[dict] = []
     lines = (out / "sweep.jsonl").open("w")
     try:
         for mode in modes:
             for k in ks:
-                sel = build_selection(grads, backbone, splits.labels,
-                                      scfg.model_copy(update={"mode": mode, "k": k, "budget": None}))
+                sel = build_selection(grads, ctx, scfg.model_copy(update={"mode": mode, "k": k, "budget": None}))
                 sel_path = out / f"{mode}-k{k}" / "selection.safetensors"
                 sel_path.parent.mkdir(parents=True, exist_ok=True)
-                save_selection(sel, sel_path, spec, with_heatmap=False)
+                save_selection(sel, sel_path, ctx.spec, with_heatmap=False)
                 for lam in l2s:
                     run_dir = sel_path.parent / f"l2-{lam:g}"
                     cfg = fcfg.model_copy(update={"l2_lambda": lam, "selection": str(sel_path),
                                                   "out_dir": str(run_dir), "package": None})
-                    res = run_fit(cfg, backbone=backbone, splits=splits, selection=sel)
+                    res = run_fit(cfg, ctx, selection=sel)
                     res.model.close()
                     m = res.metrics
-                    rec = {"mode": mode, "k": k, "l2_lambda": lam, "val_acc": m["val_acc"], "test_acc": m["test_acc"],
+                    rec = {"mode": mode, "k": k, "l2_lambda": lam, "val_score": m["val_score"],
+                           "val_acc": m["val_acc"], "test_acc": m["test_acc"],
                            "trainable_pct": m["trainable_pct"], "best_epoch": m["best_epoch"],
                            "fit_seconds": m["train_seconds"], "package": str(res.package_path)}
                     runs.append(rec)
                     lines.write(json.dumps(rec) + "\n")
                     lines.flush()
-                    log.info("sweep %s k=%d λ=%g: val %.4f test %.4f", mode, k, lam, m["val_acc"], m["test_acc"])
+                    log.info("sweep %s k=%d λ=%g: val score %.4f", mode, k, lam, m["val_score"])
     finally:
         lines.close()
     best = _best(runs)

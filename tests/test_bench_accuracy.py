@@ -160,3 +160,41 @@ def test_cli_smoke_writes_jsonl_table_and_plot(tmp_path):
     assert [r["method"] for r in lines] == ["linear", "grft-row-k1", "gps-k1"]
     md = table.read_text()
     assert "gps-k1" in md and "± " in md and plot.stat().st_size > 1000
+
+
+@pytest.mark.timeout(300)
+def test_generation_settings_train_every_method_with_matched_lora(tmp_path):
+    """Generation bench on a tiny random LLaMA: base, GRFT row/column, LoRA at GRFT-row's budget and
+    full fine-tuning all score exact match / ROUGE-L on one test split; one gradient pass serves
+    every seed; summary, table and plot are written."""
+    from bench.acc_gen import GEN_FAMILIES, GenCache, gen_data, plot_gen, render_gen, run_gen_seed, summarise_gen
+    from bench.acc_settings import GEN_SETTINGS, Setting, merge
+
+    from gen_fixtures import make_tiny_lm
+
+    pytest.importorskip("mathematics_dataset")
+    lm = make_tiny_lm(tmp_path / "lm")
+    base = GEN_SETTINGS["math"]
+    st = Setting("tiny", "tiny LLaMA + add_or_sub",
+                 merge(base.common, {"backbone": {"type": "causal_lm", "path": str(lm), "max_length": 48},
+                                     "data": {"max_per_class": 24, "max_eval_per_class": 6}}),
+                 {"num_batches": 2}, merge(base.fit, {"epochs": 1, "max_steps": 2}), base.full_lr,
+                 dict(base.convert, n=40))
+    st = gen_data(st, tmp_path)
+    assert st.common["data"]["path"].endswith("tiny.jsonl") and (tmp_path / "data" / "tiny.jsonl").is_file()
+    cache = GenCache()
+    recs = [r for seed in (0, 1) for r in run_gen_seed(st, GEN_FAMILIES, 1, seed, device="cpu", workdir=tmp_path,
+                                                       cache=cache)]
+    assert len(cache.grads) == 1  # one gradient pass for both seeds
+    by = {(r["method"], r["seed"]): r for r in recs}
+    assert [m for m, s in by if s == 0] == ["base", "grft-row-k1", "grft-column-k1", "lora-k1", "full"]
+    for r in recs:
+        assert 0 <= r["exact_match"] <= 1 and 0 <= r["rouge_l"] <= 1 and r["n_test"] == 6
+    row, lora = by[("grft-row-k1", 0)], by[("lora-k1", 0)]
+    assert row["select_s"] > 0 and by[("base", 0)]["fit_s"] == 0 and by[("full", 0)]["backbone_pct"] == 100
+    assert abs(lora["lora_params"] - (row["trainable_values"] + row["trainable_biases"])) <= \
+        lora["lora_params"] / lora["rank"] / 2 or lora["rank"] == 1
+    s = summarise_gen(recs)["tiny"]
+    assert {r["method"]: r["seeds"] for r in s["rows"]}["full"] == 2
+    assert any("lora-k1" in v for v in s["verdicts"]) and any("vs base" in v for v in s["verdicts"])
+    assert "exact match" in render_gen({"tiny": s}) and plot_gen({"tiny": s}, tmp_path / "g.png").stat().st_size > 1000

@@ -2,34 +2,33 @@
 
 * a package whose preprocessing the base cannot run (the test ViT's position table is fixed at
   32 px) or that is over the pixel budget is refused at registration (422
-  ``preprocessing_unrunnable``), and one planted in the store answers 422 ``broken_task``, never 500;
-* finite but huge values (±3e38) are refused (422 ``value_out_of_range``); scores that still come out
+  ``preprocessing_unrunnable``), and one planted in the store answers 422 ``broken_task``, never 500
+  (over HTTP, with the packages built here: tests/test_hardening_http.py);
+* finite but huge values (±3e38) are refused (422 ``value_out_of_range``), so is metadata over
+  1 Mi characters (413 ``metadata_too_large``); scores that still come out
   non-finite (float16 overflow) are refused per input (422 ``non_finite_result``; never a bare NaN);
 * ``host_cache_bytes``: a replica over its cap evicts tasks to the store and reloads them.
 """
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 
 import numpy as np
 import pytest
-import requests
 import torch
 
-from app_fixtures import (SEED, VIT_CFG, Canary, app_config, b64, build_local_backbone, free_port,  # noqa: F401
-                          make_text_model, png_bytes, run_app, start_ray)
+from app_fixtures import SEED, VIT_CFG, build_local_backbone, png_bytes
+from test_package import _err, _rewrite
 from grft_serve.app.oip_codec import infer_response
 from grft_serve.app.schemas import ApiError
-from grft_serve.core.package import SUFFIX, package_bytes
+from grft_serve.core import package as P
+from grft_serve.core.package import load_package, package_bytes
 from grft_serve.testing import random_package
 
-A = {"Authorization": "Bearer reg-admin"}
 pytestmark = pytest.mark.timeout(300)
 
 
-def _with_prep(pkg, input_size: int, crop_pct: float = 1.0):
+def with_prep(pkg, input_size: int, crop_pct: float = 1.0):
     vit = build_local_backbone(VIT_CFG)
     prep = vit.preprocessing_meta(input_size)
     prep["timm_data_config"]["crop_pct"] = crop_pct
@@ -37,64 +36,34 @@ def _with_prep(pkg, input_size: int, crop_pct: float = 1.0):
     return pkg
 
 
-def _huge_head(pkg):
+def huge_head(pkg):
     pkg.head_weight = pkg.head_weight.clone()
     pkg.head_weight[0, 0] = 3e38
     return pkg
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    import ray
-    from ray import serve
-
-    os.environ["GRFT_REG_ADMIN"] = "reg-admin"
-    root = tmp_path_factory.mktemp("hard-reg")
-    cfg = app_config(str(root / "store"), make_text_model(root / "bert"), vit_replicas=1, admin_env="GRFT_REG_ADMIN")
-    start_ray()
-    url = run_app(cfg, free_port())
-    vit = build_local_backbone(VIT_CFG)
-    r = requests.post(f"{url}/v1/tasks", files={"file": ("p", package_bytes(random_package(vit, "canary", seed=1)))},
-                      headers=A, timeout=60)
-    assert r.status_code == 201, r.text
-    yield url, root / "store", vit
-    serve.shutdown()
-    ray.shutdown()
+def test_huge_finite_values_are_refused(vit):
+    pkg, base = random_package(vit, "taskA", k=3, tune_bias=True), vit.describe()
+    """±3e38 is finite in float32 but overflows in the first product (NaN scores on every input):
+    every value must fit float16's range, the smallest of the serving dtypes."""
+    hw = pkg.head_weight.clone()
+    hw[0, 0] = 3e38
+    e = _err(_rewrite(pkg, {"head.weight": hw}), base, P.ValueRangeError, "head.weight")
+    assert e.status == 422 and e.code == "value_out_of_range"
+    name = next(iter(pkg.deltas))
+    v = pkg.tensors()[f"{name}.values"].clone()
+    v[0, 0] = -P.MAX_ABS_VALUE * 1.01
+    _err(_rewrite(pkg, {f"{name}.values": v}), base, P.ValueRangeError, name)
+    v[0, 0] = -P.MAX_ABS_VALUE  # the bound itself is accepted
+    load_package(_rewrite(pkg, {f"{name}.values": v}), base=base)
 
 
-def _register(url, pkg):
-    return requests.post(f"{url}/v1/tasks", files={"file": ("p", package_bytes(pkg))}, headers=A, timeout=60)
-
-
-def _canary(url):
-    s = requests.Session()
-    return Canary(lambda: s.post(f"{url}/v1/tasks/canary/predict", json={"inputs": [b64(png_bytes(2))]}, timeout=30))
-
-
-def test_unrunnable_packages_are_refused_and_planted_ones_are_broken_tasks(app):
-    url, store, vit = app
-    with _canary(url) as c:
-        r = _register(url, _with_prep(random_package(vit, "at64", seed=3), 64))  # the base's table is 32 px
-        assert r.status_code == 422 and r.json()["error"]["code"] == "preprocessing_unrunnable", r.text
-        r = _register(url, _with_prep(random_package(vit, "at1024", seed=4), 1024, 0.5))
-        assert r.status_code == 422 and "max_input_pixels" in r.json()["error"]["message"]
-        r = _register(url, _huge_head(random_package(vit, "huge", seed=5)))
-        assert r.status_code == 422 and r.json()["error"]["code"] == "value_out_of_range"
-        listed = {t["task_id"] for t in requests.get(f"{url}/v1/tasks").json()["tasks"]}
-        assert listed == {"canary"}
-        # planted in the store behind the app's back (or registered before these checks existed)
-        for tid, pkg in (("planted64", _with_prep(random_package(vit, "planted64", seed=6), 64)),
-                         ("plantedhuge", _huge_head(random_package(vit, "plantedhuge", seed=7)))):
-            (store / f"{tid}{SUFFIX}").write_bytes(package_bytes(pkg))
-            for _ in range(2):  # the second answer comes from the replica's record of the failure
-                r = requests.post(f"{url}/v1/tasks/{tid}/predict", json={"inputs": [b64(png_bytes(1))]}, timeout=60)
-                assert r.status_code == 422 and r.json()["error"]["code"] == "broken_task", r.text
-            body = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": [b64(png_bytes(1))]}]}
-            r = requests.post(f"{url}/v2/models/{tid}/infer", json=body, timeout=60)
-            assert r.status_code == 422 and isinstance(json.loads(r.content)["error"], str)
-    c.check(1.0)
-    r = _register(url, random_package(vit, "fine", seed=8))  # the cached dry-run result lets good ones in
-    assert r.status_code == 201
+def test_metadata_size_is_capped(vit):
+    pkg, base = random_package(vit, "taskA", k=3, tune_bias=True), vit.describe()
+    big = {"training_config": {"note": "x" * (P.MAX_METADATA_CHARS + 1)}}
+    e = _err(_rewrite(pkg, meta=big), base, P.MetadataTooLargeError, "metadata")
+    assert e.status == 413 and e.code == "metadata_too_large"
+    assert P.read_header(_rewrite(pkg, meta={"training_config": {"note": "x" * 1000}})).meta.task_id == "taskA"
 
 
 def test_oip_never_writes_a_bare_nan():

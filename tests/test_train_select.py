@@ -6,7 +6,8 @@ from torch import nn
 from grft_serve.core.backbones import ModuleBackbone
 from grft_train.config import SelectConfig
 from grft_train.data import DataSplits, SampleSet, Source
-from grft_train.select import (Selection, heatmap, SelectionError, _subsets, budget_to_k, eligible_modules, run_select,
+from grft_train.objective import stratified_subsets as _subsets
+from grft_train.select import (Selection, heatmap, SelectionError, budget_to_k, eligible_modules, run_select,
                                select_from_grads, slice_scores, sparse_indices, topk_indices)
 
 
@@ -181,6 +182,6 @@ def test_select_full_pass_by_default(tmp_path):
     cfg = SelectConfig(out=str(tmp_path / "s.safetensors"), k=1, batch_size=8, progress=False, device="cpu",
                        heatmap=False)
     sel = run_select(cfg, backbone=bb, splits=sp)
-    assert sel.meta["scl"]["batches"] == 4 and sel.meta["scl"]["samples"] == 30  # one full pass
+    assert sel.meta["grads"]["batches"] == 4 and sel.meta["grads"]["samples"] == 30  # one full pass
     capped = run_select(cfg.model_copy(update={"num_batches": 2}), backbone=bb, splits=sp)
-    assert capped.meta["scl"]["batches"] == 2
+    assert capped.meta["grads"]["batches"] == 2
