@@ -1,4 +1,4 @@
-"""Closed-loop HTTP load generator for bench/serve.py.
+"""Closed-loop HTTP load generator for bench/serve.py, and the local-server helpers of the HTTP benches.
 
 ``C`` client threads (``requests`` sessions), each sending its next request as soon as the previous
 one returns, through a warm-up period and then a window of ``S`` seconds (and at most
@@ -9,12 +9,13 @@ parsed answer); ``errors`` = those that failed (non-200, transport error, wrong 
 together by pooling: inputs over total seconds, percentiles over all latencies.
 """
 import math
+import socket
 import threading
 import time
 
 import numpy as np
 
-__all__ = ["run_window", "summarise"]
+__all__ = ["free_port", "run_window", "summarise", "wait_healthy"]
 
 
 def run_window(url: str, bodies: list[bytes], n_inputs: int, clients: int, warmup_s: float, seconds: float,
@@ -88,3 +89,27 @@ def summarise(windows: list[dict]) -> dict:
             "stuck_clients": sum(w["stuck_clients"] for w in windows),
             "failures": [f for w in windows for f in w["failures"]][:5],
             "mean_batch_size": float(np.mean(sizes)) if sizes else None}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout_s: float = 300) -> dict:
+    """GET ``url`` until it answers 200 (its JSON), or raise after ``timeout_s``."""
+    import requests
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            r = requests.get(url, timeout=10)
+            if r.status_code == 200:
+                return r.json()
+        except requests.RequestException:
+            pass
+        if time.time() > deadline:
+            raise RuntimeError(f"{url} did not become healthy in {timeout_s:.0f} s")
+        time.sleep(0.2)

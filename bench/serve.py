@@ -43,7 +43,6 @@ import math
 import os
 import secrets
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -62,7 +61,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from ray import serve  # noqa: E402
 
-from bench.http_load import run_window, summarise  # noqa: E402
+from bench.http_load import free_port, run_window, summarise, wait_healthy  # noqa: E402
 from bench.plain_app import PlainModel  # noqa: E402
 from bench.records import Records  # noqa: E402
 
@@ -148,28 +147,6 @@ def _bodies(scenario: str, images: list[str], tasks: list[str], batch: int, n: i
     return out
 
 
-def _wait_healthy(url: str, timeout_s: float = 300) -> dict:
-    import requests
-
-    deadline = time.time() + timeout_s
-    while True:
-        try:
-            r = requests.get(url, timeout=10)
-            if r.status_code == 200:
-                return r.json()
-        except requests.RequestException:
-            pass
-        if time.time() > deadline:
-            raise RuntimeError(f"{url} did not become healthy in {timeout_s:.0f} s")
-        time.sleep(0.2)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---------------------------------------------------------------------------------------------
 # run
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +168,7 @@ def start_apps(args: argparse.Namespace, app_args: dict, spec: dict, packages: l
         app_args.get("ingress_num_cpus", 0.1)
     ray.init(address="local", num_cpus=args.num_cpus or max(2, math.ceil(need)), include_dashboard=False, log_to_driver=False,
              configure_logging=False)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
     mb = int(spec.get("max_batch_size", 16))
@@ -203,8 +180,8 @@ def start_apps(args: argparse.Namespace, app_args: dict, spec: dict, packages: l
     t = time.perf_counter()
     serve.run(plain, name="plain", route_prefix="/plain")
     serve.run(build_app(app_args), name="grft", route_prefix="/")
-    plain_info = _wait_healthy(f"{url}/plain/healthz")
-    _wait_healthy(f"{url}/healthz")
+    plain_info = wait_healthy(f"{url}/plain/healthz")
+    wait_healthy(f"{url}/healthz")
     print(f"[bench] both apps up in {time.perf_counter() - t:.0f} s at {url}", file=sys.stderr)
     t = time.perf_counter()
     for data in packages:

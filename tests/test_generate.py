@@ -10,6 +10,7 @@ import torch
 from grft_serve.core import package as P
 from grft_serve.core.backbones import CausalLMBackbone
 from grft_serve.engine import Engine, GenerationInputError, SamplingParams, TextGenerator
+from grft_serve.engine.decode_slots import slot_key
 
 from gen_fixtures import make_task, make_tiny_lm, merged_tokens
 
@@ -89,6 +90,44 @@ def test_mixed_tasks_and_base_equal_merged_weights_token_for_token(setup, decode
         assert gen.stats()["decode_slot_loads"] <= 3
     finally:
         gen.close()
+
+
+def test_steady_decode_steps_reuse_plans_and_gathers_with_the_same_tokens(setup):
+    eng, _, _ = setup
+    outs, reused = {}, {}
+    for keep in (0, None):  # 0: plans and gathers made afresh every step (the reference)
+        gen = TextGenerator(eng, "continuous", max_tasks_per_batch=4, max_requests=16, max_batch_tokens=256,
+                            page_size=32)
+        if keep is not None:
+            gen.slots.keep_bytes = keep
+        try:
+            jobs = []
+            for tid in ["t0", "t1", "t2", None]:  # rows, columns, bias and the empty slot
+                for q in QUESTIONS:
+                    ids = gen.render(tid, messages=[{"role": "user", "content": q}])
+                    c = Collector()
+                    jobs.append((gen.submit(tid, ids, no_eos(gen, tid, ids), c), c))
+            for _, c in jobs:
+                assert c.done.wait(120)
+            outs[keep] = [r.tokens for r, _ in jobs]
+            reused[keep] = gen.stats()["decode_plans_reused"]
+            slots = gen.slots
+            with torch.inference_mode():  # the slot tables are inference tensors
+                with eng.cache.use(["t0"]) as (res, _):
+                    s0 = slots.assign([slot_key("t0", f"x{keep}")], res)[0][0]
+                rows = [s0, slots.empty]
+                slots.activate(rows)
+                slots.activate(rows)
+                assert slots.reused == (keep is None)
+                with eng.cache.use(["t1"]) as (res, _):
+                    slots.assign([slot_key("t1", f"y{keep}")], res)  # a slot written: the kept plans are stale
+                slots.activate(rows)
+                assert not slots.reused
+                slots.deactivate()
+        finally:
+            gen.close()
+    assert outs[0] == outs[None]
+    assert reused[0] == 0 < reused[None]
 
 
 def test_seeded_sampling_repeats_whatever_shares_the_batch(setup):

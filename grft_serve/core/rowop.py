@@ -171,7 +171,12 @@ def _add_rows(module: nn.Module, x: torch.Tensor, y: torch.Tensor, d: ModuleDelt
 class MixedPlan:
     """One module's part of a mixed batch: its slot tables (:class:`grft_serve.engine.slots.ModuleSlots`),
     the sample → slot index ``sample_slot`` [B], and how much of the tables this batch needs:
-    ``k_row``/``k_col`` (0: none), ``mask`` (some present slot has no rows here), ``bias``."""
+    ``k_row``/``k_col`` (0: none), ``mask`` (some present slot has no rows here), ``bias``.
+
+    ``gathered``: None, or a dict in which :func:`apply_mixed` keeps what it gathered from the tables
+    for this plan, so that applying the SAME plan again (a decode loop's next step over the same
+    sequences) skips the gathers — the same values, so the same results bit for bit. Whoever sets it
+    must drop the plan once a present slot is rewritten."""
 
     tables: object
     sample_slot: torch.Tensor
@@ -179,11 +184,25 @@ class MixedPlan:
     k_col: int = 0
     mask: bool = False
     bias: bool = False
+    gathered: dict | None = None
+
+
+def _gathered(p: MixedPlan, part: str, gather: Callable[[], object]):
+    """``gather()`` — the tables' values of each sample's slot — or what it gave when ``p`` was
+    applied before (kept in ``p.gathered`` when that is a dict)."""
+    kept = p.gathered
+    if kept is None:
+        return gather()
+    got = kept.get(part)
+    if got is None:
+        got = kept[part] = gather()
+    return got
 
 
 def apply_mixed(module: nn.Module, x: torch.Tensor, y: torch.Tensor, p: MixedPlan) -> torch.Tensor:
     """Per-sample version of :func:`apply_delta` (no autograd; mutates ``y`` in place): gather each
-    sample's slot from the tables, one ``bmm`` (or one grouped conv), one ``scatter_``.
+    sample's slot from the tables (or reuse the gathers kept in ``p.gathered``), one ``bmm`` (or one
+    grouped conv), one ``scatter_``.
 
     Packed token batches (a decode step's ``x [1, N, H]`` holding N tokens of many sequences) carry
     one slot per TOKEN: with ``len(sample_slot) == N != x.shape[0]`` every token is its own sample."""
@@ -195,12 +214,13 @@ def apply_mixed(module: nn.Module, x: torch.Tensor, y: torch.Tensor, p: MixedPla
         return y
     B = x.shape[0]
     if p.bias:
-        bd = t.bias_delta.index_select(0, s)
+        bd = _gathered(p, "bias", lambda: t.bias_delta.index_select(0, s))
         y.add_(bd.view(B, -1, 1, 1) if is_conv else bd.view(B, *([1] * (y.dim() - 2)), -1))
     if p.k_col:
         K = p.k_col
-        col_idx = t.col_idx[:, :K].index_select(0, s)  # [B, K]
-        col_delta = t.col_delta[:, :, :K].index_select(0, s)  # [B, out, K, ...]
+        col_idx, col_delta = _gathered(p, "cols", lambda: (
+            t.col_idx[:, :K].index_select(0, s),  # [B, K]
+            t.col_delta[:, :, :K].index_select(0, s)))  # [B, out, K, ...]
         if is_conv:
             H, Wd = x.shape[2:]
             xc = x.gather(1, col_idx.view(B, K, 1, 1).expand(B, K, H, Wd))
@@ -218,10 +238,11 @@ def apply_mixed(module: nn.Module, x: torch.Tensor, y: torch.Tensor, p: MixedPla
     if not p.k_row:
         return y
     K = p.k_row
-    row_idx = t.row_idx[:, :K].index_select(0, s)  # [B, K]
-    row_vals = t.row_vals[:, :K].index_select(0, s)  # [B, K, *W.shape[1:]]
-    row_bias = t.row_bias[:, :K].index_select(0, s)  # [B, K]
-    valid = t.row_valid[:, :K].index_select(0, s) if p.mask else None
+    row_idx, row_vals, row_bias, valid = _gathered(p, "rows", lambda: (
+        t.row_idx[:, :K].index_select(0, s),  # [B, K]
+        t.row_vals[:, :K].index_select(0, s),  # [B, K, *W.shape[1:]]
+        t.row_bias[:, :K].index_select(0, s),  # [B, K]
+        t.row_valid[:, :K].index_select(0, s) if p.mask else None))
     if is_conv:
         H, Wd = x.shape[2:]
         if _pointwise(module):  # a 1x1 conv is a matmul over pixels: one bmm, not B conv groups

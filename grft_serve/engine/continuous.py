@@ -161,6 +161,7 @@ class ContinuousDecoder:
             token_slot += [slot_of.get(r.key, empty) if r is not None else empty] * fs.query_length
         self.slots.activate(token_slot)
         self.counters["slot_loads"] += loads
+        self.counters["plans_reused"] += self.slots.reused
         return None
 
     def _after(self, module, args, kwargs, output):
@@ -231,4 +232,4 @@ class ContinuousDecoder:
         finally:
             for h in self._handles:
                 h.remove()
-            self.slots.deactivate()
+            self.slots.reset()

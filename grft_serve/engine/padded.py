@@ -58,6 +58,7 @@ class PaddedDecoder:
             self._stop = True
             self._cv.notify()
         self._thread.join(timeout=10)
+        self.slots.reset()
 
     def _take(self) -> list[GenerationRequest]:
         batch, tasks, rest = [], set(), deque()
@@ -124,6 +125,7 @@ class PaddedDecoder:
             reqs = [batch[i] for i in live]
             try:
                 self.slots.activate([slot[i] for i in live])
+                self.counters["plans_reused"] += self.slots.reused
                 out = self.lm(input_ids=ids, attention_mask=am, position_ids=pos, cache=cache, use_cache=True,
                               logits_to_keep=1)
             finally:

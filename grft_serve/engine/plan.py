@@ -12,6 +12,7 @@ of no task reads a slot nothing was written to, which is exactly the base.
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -22,7 +23,7 @@ import torch
 from ..core.rowop import MixedPlan, RowOpHooks
 from .slots import SlotTables
 
-__all__ = ["BatchPlan", "applied", "module_plans"]
+__all__ = ["BatchPlan", "applied", "gather_bytes", "module_plans"]
 
 
 @dataclass
@@ -58,6 +59,22 @@ def module_plans(tables: SlotTables, slots: Sequence[int], slot: torch.Tensor,
         if r or c or b:
             plans[name] = MixedPlan(t, slot, r, c, m, b)
     return plans
+
+
+def gather_bytes(plans: dict[str, MixedPlan]) -> int:
+    """Bytes that :func:`~grft_serve.core.rowop.apply_mixed` gathers from the tables per sample (or
+    token) under ``plans``: what keeping the gathers (``MixedPlan.gathered``) costs per row."""
+    n = 0
+    for p in plans.values():
+        t = p.tables
+        if p.k_row:
+            n += p.k_row * (math.prod(t.row_shape) * t.row_vals.element_size() + t.row_idx.element_size()
+                            + t.row_bias.element_size() + t.row_valid.element_size())
+        if p.k_col:
+            n += p.k_col * (t.out * math.prod(t.col_rest) * t.col_delta.element_size() + t.col_idx.element_size())
+        if p.bias:
+            n += t.out * t.bias_delta.element_size()
+    return n
 
 
 @contextmanager
