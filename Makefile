@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install lint test test-fast demo bench bench-smoke bench-serve accuracy clean assets-data
+.PHONY: install lint test test-fast demo bench bench-smoke bench-serve accuracy clean assets-data gpu-pack
 
 install: $(STAMP)
 
@@ -37,8 +37,8 @@ assets-data:
 	  else echo "note: run 'apt-get install dataset-fashion-mnist' as root for the Fashion-MNIST demo"; fi; \
 	fi
 
-# ruff (lint + import order, configured in pyproject.toml) over the paths kept clean so far
-LINT_PATHS ?= grft_serve/engine tests/test_lru.py
+# ruff (lint + import order, configured in pyproject.toml) over the whole tree
+LINT_PATHS ?= .
 lint: install
 	$(BIN)/python -m ruff check $(LINT_PATHS)
 
@@ -63,3 +63,17 @@ accuracy: install
 
 clean:
 	rm -rf $(VENV) runs demo_out .pytest_cache
+
+# what bench/gpu_check.sh needs on a bare GPU machine (Python 3.12, no registry there): the wheels its
+# image lacks or holds at other versions, and SmolLM2's tokenizer (carry .gpu; see bench/gpu_check.sh)
+GPU_WHEELS ?= pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	transformers==5.25.0 huggingface-hub==2.4.0 \
+	httpx2==2.17.0 httpcore2==2.17.0 truststore==0.10.5 idna==3.21 anyio==4.16.0 click==8.5.1 tomlkit==0.15.3 kernels==0.19.1 peft==0.21.2
+gpu-pack: install
+	rm -rf .gpu && mkdir -p .gpu/whl
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .gpu/whl $(GPU_WHEELS)
+	$(BIN)/python -c "from transformers import AutoTokenizer; from grft_serve.core.backbones import zoo; \
+	  AutoTokenizer.from_pretrained(str(zoo.smollm2_dir())).save_pretrained('.gpu/tokenizer')"
+	du -sh .gpu

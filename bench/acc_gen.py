@@ -144,6 +144,12 @@ def run_gen_seed(st: Setting, families: Sequence[str], k: int, seed: int, *, dev
 # ---------------------------------------------------------------------------------------------
 # summary
 # ---------------------------------------------------------------------------------------------
+def _avg(rs: Sequence[dict], key: str) -> float:
+    """Mean of ``key`` over the records in ``rs`` that have it (0 when none do)."""
+    return (sum(r[key] for r in rs if r.get(key) is not None)
+            / max(1, sum(1 for r in rs if r.get(key) is not None)))
+
+
 def summarise_gen(records: Sequence[dict]) -> dict:
     """``{dataset: {"title", "rows", "verdicts"}}``: mean ± s.e. over seeds of exact match and ROUGE-L."""
     out: dict = {}
@@ -154,11 +160,10 @@ def summarise_gen(records: Sequence[dict]) -> dict:
             rs = [r for r in rs_ds if r["method"] == method]
             em, em_se = mean_se([r["exact_match"] for r in rs])
             rl, rl_se = mean_se([r["rouge_l"] for r in rs])
-            avg = lambda key: (sum(r[key] for r in rs if r.get(key) is not None)  # noqa: E731
-                               / max(1, sum(1 for r in rs if r.get(key) is not None)))
             rows[method] = {"method": method, "family": rs[0]["family"], "seeds": len(rs), "em": em, "em_se": em_se,
-                            "rouge_l": rl, "rouge_se": rl_se, "ppl": avg("test_ppl"), "backbone_pct": avg("backbone_pct"),
-                            "fit_s": avg("fit_s"), "select_s": avg("select_s"), "rank": rs[0].get("rank")}
+                            "rouge_l": rl, "rouge_se": rl_se, "ppl": _avg(rs, "test_ppl"),
+                            "backbone_pct": _avg(rs, "backbone_pct"), "fit_s": _avg(rs, "fit_s"),
+                            "select_s": _avg(rs, "select_s"), "rank": rs[0].get("rank")}
         first = rs_ds[0]
         out[ds] = {"title": first["setting"], "n_train": first["n_train"], "n_val": first["n_val"],
                    "n_test": first["n_test"], "rows": list(rows.values()), "verdicts": _verdicts(rows)}
@@ -167,7 +172,8 @@ def summarise_gen(records: Sequence[dict]) -> dict:
 
 def _cmp(a: dict, b: dict, key: str) -> str:
     d = 100 * (a[key] - b[key])
-    se = 100 * math.sqrt(a[f"{'em' if key == 'em' else 'rouge'}_se"] ** 2 + b[f"{'em' if key == 'em' else 'rouge'}_se"] ** 2)
+    se_key = f"{'em' if key == 'em' else 'rouge'}_se"
+    se = 100 * math.sqrt(a[se_key] ** 2 + b[se_key] ** 2)
     word = "tie" if abs(d) <= se else ("better" if d > 0 else "worse")
     return f"{100 * a[key]:.1f} vs {100 * b[key]:.1f} ({d:+.1f} pts, s.e. {se:.1f}) -> {word}"
 

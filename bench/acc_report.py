@@ -105,7 +105,7 @@ def md_header(s: dict, detail: str, columns: list[str]) -> list[str]:
 
 def render_markdown(summary: dict, wall_s: float | None = None) -> str:
     lines = []
-    for ds, s in summary.items():
+    for s in summary.values():
         lines += md_header(s, f"{s['epochs']} epochs, {s['rows'][0]['seeds']} seed(s), {s['device']}",
                            ["method", "test acc (mean ± s.e.)", "backbone trainable %", "fit s", "train-step s",
                             "select s", "peak RSS fit / select (MB)"])
@@ -137,7 +137,7 @@ def plot_curve(summary: dict, path: str | Path) -> Path:
     n = len(summary)
     fig, axes = plt.subplots(1, n, figsize=(6.2 * n, 4.4), squeeze=False)
     styles = {"grft-row": ("o-", "C0"), "grft-column": ("s-", "C1"), "gps": ("^-", "C2"), "lora": ("D-", "C3")}
-    for ax, (ds, s) in zip(axes[0], summary.items()):
+    for ax, s in zip(axes[0], summary.values()):
         rows = s["rows"]
         for fam, (mk, col) in styles.items():
             rs = sorted([r for r in rows if r["family"] == fam], key=lambda r: r["backbone_pct"])

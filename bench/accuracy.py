@@ -58,8 +58,16 @@ if __package__ in (None, ""):  # run as `python bench/<name>.py`: make the repo 
 from bench.acc_gen import GEN_FAMILIES, GenCache, gen_data, plot_gen, render_gen, run_gen_seed, summarise_gen  # noqa: E402
 from bench.acc_report import plot_curve, render_markdown, summarise  # noqa: E402
 from bench.acc_settings import GEN_SETTINGS, SETTINGS, Setting, merge, smoke_setting  # noqa: E402
-from bench.baselines import (full_ft_builder, gps_builder, lora_builder, lora_count, lora_rank_for,  # noqa: E402
-                             lora_targets, sparse_k, timed_fit)
+from bench.baselines import (  # noqa: E402
+    full_ft_builder,
+    gps_builder,
+    lora_builder,
+    lora_count,
+    lora_rank_for,
+    lora_targets,
+    sparse_k,
+    timed_fit,
+)
 from bench.records import Records  # noqa: E402
 from bench.rss import PeakMemory  # noqa: E402
 from grft_train.common import resolve_device  # noqa: E402
@@ -135,7 +143,8 @@ def run_seed(st: Setting, families: Sequence[str], ks: Sequence[int], seed: int,
             "rss_select_mb": (rss_select or {}).get("rss_peak_mb") if uses_sel else None,
             "cuda_peak_mb": mem.get("cuda_peak_mb"),
             "n_train": m["n_train"], "n_val": m["n_val"], "n_test": m["n_test"], "epochs": fcfg.epochs,
-            "lr": fcfg.lr, "head_lr": fcfg.head_lr, "l2_lambda": fcfg.l2_lambda, "batch_size": fcfg.batch_size, "bias": bias,
+            "lr": fcfg.lr, "head_lr": fcfg.head_lr, "l2_lambda": fcfg.l2_lambda, "batch_size": fcfg.batch_size,
+            "bias": bias,
             "device": str(dev), "device_name": _device_name(dev), "package": m.get("package"), **(extra or {}),
         }
         records.append(rec)

@@ -128,7 +128,8 @@ def gps_builder(modules: list[str] | None = None):
             if cfg.bias == "none" or (cfg.bias == "selected" and mod.bias is None):
                 biases[n] = None
             else:
-                biases[n] = mod.bias.detach().float() if mod.bias is not None else torch.zeros(W.shape[0], device=W.device)
+                biases[n] = (mod.bias.detach().float() if mod.bias is not None
+                             else torch.zeros(W.shape[0], device=W.device))
         return SparseTaskModel(backbone, indices, values, biases, head)
     return build
 

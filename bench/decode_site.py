@@ -87,16 +87,17 @@ def main(argv=None) -> list[dict]:
             tensor = _decode(pngs, tf)
             rows.append({
                 "images": args.images, "source_px": args.source_px, "model_px": px,
-                "decode_ms": _median_ms(lambda: _decode(pngs, tf), 30),
+                "decode_ms": _median_ms(lambda tf=tf: _decode(pngs, tf), 30),
                 "bytes_payload": sum(map(len, pngs)), "tensor_payload": tensor.numel() * tensor.element_size(),
                 "call_bytes_ms": _median_ms(lambda: ray.get(sink.take.remote(pngs)), args.calls),
-                "call_tensor_ms": _median_ms(lambda: ray.get(sink.take.remote(tensor)), args.calls),
+                "call_tensor_ms": _median_ms(lambda tensor=tensor: ray.get(sink.take.remote(tensor)), args.calls),
             })
     finally:
         ray.shutdown()
     for r in rows:
         print(json.dumps(r))
-    print(f"{'model px':>8} {'decode ms':>10} {'bytes KB':>9} {'tensor KB':>10} {'call(bytes) ms':>15} {'call(tensor) ms':>16}")
+    print(f"{'model px':>8} {'decode ms':>10} {'bytes KB':>9} {'tensor KB':>10} "
+          f"{'call(bytes) ms':>15} {'call(tensor) ms':>16}")
     for r in rows:
         print(f"{r['model_px']:>8} {r['decode_ms']:>10.2f} {r['bytes_payload'] / 1024:>9.1f} "
               f"{r['tensor_payload'] / 1024:>10.1f} {r['call_bytes_ms']:>15.2f} {r['call_tensor_ms']:>16.2f}")

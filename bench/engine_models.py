@@ -24,7 +24,8 @@ class Bench:
 def vit_bench(size: str) -> Bench:
     """ViT: smoke (tiny, 32 px), cpu (ViT-S/16, 224 px) or full (ViT-B/16, 224 px); random init."""
     if size == "smoke":
-        bb = TimmBackbone("vit_tiny_patch16_224", weights="random", model_kwargs=dict(img_size=32, patch_size=8, depth=2))
+        bb = TimmBackbone("vit_tiny_patch16_224", weights="random",
+                          model_kwargs=dict(img_size=32, patch_size=8, depth=2))
         name, px = "vit_tiny_smoke(img32,p8,depth2)", 32
     elif size == "cpu":
         bb = TimmBackbone("vit_small_patch16_224", weights="random")

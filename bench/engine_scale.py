@@ -21,8 +21,8 @@ from typing import Any, Callable
 import torch
 
 from bench.engine_tasks import variant
-from grft_serve.engine import Engine
 from grft_serve.core.package import TaskPackage, package_bytes
+from grft_serve.engine import Engine
 
 __all__ = ["bench_many"]
 

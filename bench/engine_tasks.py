@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from grft_serve.engine import Engine
 from grft_serve.core.package import TaskPackage
 from grft_serve.core.rowop import ModuleDelta
+from grft_serve.engine import Engine
 from grft_serve.testing import random_package
 
 __all__ = ["make_packages", "variant"]

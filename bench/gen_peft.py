@@ -70,11 +70,15 @@ def generate_wave(model: nn.Module, prompts: Sequence[list[int]], new_tokens: in
     for i, p in enumerate(prompts):
         ids[i, L - len(p):] = torch.tensor(p)
         am[i, L - len(p):] = 1
+    dev = next(model.parameters()).device
+    ids, am = ids.to(dev), am.to(dev)
     extra = {"adapter_names": list(adapter_names)} if adapter_names is not None else {}
     clock = _StepClock()
     c0, t0 = time.process_time(), time.perf_counter()
     out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                          do_sample=False, eos_token_id=None, pad_token_id=pad_id, streamer=clock, **extra)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     cpu = time.process_time() - c0
     n = out.shape[1] - L
     timings = [Timing(t0, list(clock.steps), n, "length") for _ in prompts]

@@ -36,7 +36,9 @@ registered through ``POST /v1/tasks``; each round one in-process wave and one wa
 ``/v1/chat/completions`` calls (the official ``openai`` client, one thread per request), for the largest
 T; ``pct_of_base`` is then HTTP tokens/s as a % of in-process.
 
-Output: JSON lines (``--out``, default bench/results/generate_cpu.jsonl; stdout for --smoke) and a
+``--device cuda`` (``--dtype``, default bf16 there) runs the same on a GPU.
+
+Output: JSON lines (``--out``, default bench/results/generate_<device>.jsonl; stdout for --smoke) and a
 markdown table (:mod:`bench.gen_table`; ``--table FILE`` writes it too).
 
     python -m bench.generate                       # CPU: R=16, M=32, T=1,4,16, 3 rounds, PEFT (~15 min)
@@ -85,6 +87,7 @@ from grft_serve.engine.decode_slots import DEFAULT_KEEP_BYTES  # noqa: E402
 __all__ = ["main", "parse_args"]
 
 WORKLOADS = ("burst", "staggered")
+DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,10 +194,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--http", action="store_true",
                    help="instead: HTTP streaming (the app on a local Ray, the openai client) vs in-process, same "
                         "config (first of --decoders, largest T)")
+    p.add_argument("--device", default="cpu", help="cpu|cuda|cuda:N|auto (default cpu)")
+    p.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
+                   help="weights' dtype (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="JSON lines (default bench/results/generate_cpu.jsonl, --http: "
-                                               "generate_http_cpu.jsonl; smoke: stdout)")
+    p.add_argument("--out", default=None, help="JSON lines (default bench/results/generate_<device>.jsonl, --http: "
+                                               "generate_http_<device>.jsonl; smoke: stdout)")
     p.add_argument("--table", default=None, help="also write the markdown table to this file")
     a = p.parse_args(argv)
     a.requests = a.requests or (4 if a.smoke else 16)
@@ -202,8 +208,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a.tasks = a.tasks or ([1, 4] if a.smoke else [1, 4, 16])
     a.rounds = a.rounds or (1 if a.smoke else 3)
     a.interval = a.interval if a.interval is not None else (0.02 if a.smoke else 0.25)
+    a.device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
+                            "cpu" if a.device == "auto" else a.device)
+    if a.device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available here")
+    if a.http and a.device.type != "cpu":
+        p.error("--http runs on CPU (the app's replicas take their device from the deployment config)")
+    a.dtype = DTYPES[a.dtype] or (torch.bfloat16 if a.device.type == "cuda" else torch.float32)
     if a.out is None and not a.smoke:
-        a.out = str(ROOT / "bench" / "results" / ("generate_http_cpu.jsonl" if a.http else "generate_cpu.jsonl"))
+        kind = "http_" if a.http else ""
+        a.out = str(ROOT / "bench" / "results" / f"generate_{kind}{a.device.type}.jsonl")
     bad = [d for d in a.decoders if d not in DECODERS] + [w for w in a.workloads if w not in WORKLOADS]
     if bad or not a.decoders or not a.workloads:
         p.error(f"unknown decoder(s)/workload(s) {bad}; decoders: {', '.join(DECODERS)}; workloads: "
@@ -230,8 +244,10 @@ def _base(args):
     ids = [chat_ids(bb.generation_defaults(), bb.tokenizer, m) for m in msgs]
     args.context = args.context or -(-(max(map(len, ids)) + args.new_tokens) // 64) * 64
     bb.max_length = min(bb.max_length, args.context)
-    common = {"bench": "generate", "device": "cpu",
-              "device_name": f"{platform.processor() or platform.machine()} x{args.threads} threads",
+    cuda = args.device.type == "cuda"
+    common = {"bench": "generate", "device": args.device.type, "dtype": str(args.dtype).replace("torch.", ""),
+              "device_name": torch.cuda.get_device_name(args.device) if cuda else
+              f"{platform.processor() or platform.machine()} x{args.threads} threads",
               "threads": args.threads, "requests": args.requests, "new_tokens": args.new_tokens,
               "prompt_tokens": sorted({len(i) for i in ids}), "context": bb.max_length, "k": args.k,
               "base_params": sum(p.numel() for p in bb.lm.parameters()), "interval_s": args.interval,
@@ -241,7 +257,7 @@ def _base(args):
 
 def _engine(bb, args, common: dict, eos_token_ids: Sequence[int] = ()):
     """The engine over ``bb`` with the largest T random tasks registered (and their packages' bytes)."""
-    engine = Engine(bb, device="cpu")
+    engine = Engine(bb, device=args.device, dtype=args.dtype)
     pkgs = [P.package_bytes(p) for p in generation_packages(bb, max(args.tasks), args.k, seed=args.seed,
                                                               eos_token_ids=eos_token_ids)]
     task_ids = [engine.register(data).task_id for data in pkgs]
@@ -273,7 +289,8 @@ def _run(args) -> list[dict]:
     pad_id = int(bb.tokenizer.pad_token_id or 0)
     plain = pm = facts = None
     if args.peft:
-        plain = copy.deepcopy(bb.lm).eval()  # before the engine hooks the base's modules
+        # a copy before the engine hooks (and casts) the base's modules
+        plain = copy.deepcopy(bb.lm).to(args.device, args.dtype).eval()
         pm, facts = lora_lm(plain, big, args.k)
         generate_wave(plain, ids[:2], 2, pad_id)  # warm-up
         generate_wave(pm, ids[:2], 2, pad_id, ["a0", f"a{big - 1}"])

@@ -45,8 +45,8 @@ class PlainModel:
 
     def __init__(self, spec: dict, package: bytes):
         from grft_serve.core.backbones import load_backbone
-        from grft_serve.export import merge_task
         from grft_serve.core.package import load_package
+        from grft_serve.export import merge_task
 
         if spec.get("torch_threads"):
             torch.set_num_threads(int(spec["torch_threads"]))

@@ -166,8 +166,8 @@ def start_apps(args: argparse.Namespace, app_args: dict, spec: dict, packages: l
     app_args.update(store={"path": store}, admin_token_env=token_env, read_token_env=None, limits=limits)
     need = spec.get("replicas", 1) * 2 * spec.get("num_cpus", 0.5) + app_args.get("ingress_replicas", 1) * \
         app_args.get("ingress_num_cpus", 0.1)
-    ray.init(address="local", num_cpus=args.num_cpus or max(2, math.ceil(need)), include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    ray.init(address="local", num_cpus=args.num_cpus or max(2, math.ceil(need)), include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
@@ -243,7 +243,7 @@ def make_records(runs: dict, common: dict, n_tasks: int) -> list[dict]:
         if system == "grft":
             pairs = [(summarise([g]), summarise([p])) for g, p in zip(windows, runs[("plain", BASELINE[sc])])]
 
-            def ratio(key: str) -> float | None:
+            def ratio(key: str, pairs: list = pairs) -> float | None:
                 vals = [g[key] / p[key] for g, p in pairs if p[key]]
                 return float(np.median(vals)) if vals else None
             rec.update(baseline=f"plain/{BASELINE[sc]}", ratio_inputs_per_s=ratio("inputs_per_s"),
@@ -321,11 +321,11 @@ def render_table(records: list[dict], console) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", 
+    p.add_argument("--smoke", action="store_true",
                    help="tiny random ViT (deployments/tiny.yaml), 4 clients, 2 s windows")
-    p.add_argument("--config", default=None, 
+    p.add_argument("--config", default=None,
                    help="a deployments/*.yaml app config (default: local.yaml; smoke: tiny.yaml)")
-    p.add_argument("--backbone", default=None, 
+    p.add_argument("--backbone", default=None,
                    help="backbone entry of the config to use (default: its first; must be an image one)")
     p.add_argument("--clients", type=int, default=None, help="concurrent HTTP clients (default 8, smoke 4)")
     p.add_argument("--seconds", type=float, default=None, help="measured window per run (default 15, smoke 2)")
@@ -340,7 +340,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input-size", type=int, default=None,
                    help="square input size the packages were 'trained' at (default 64 px as the Fashion-MNIST demo; "
                         "smoke: the model's own); 0: the model's own")
-    p.add_argument("--num-cpus", type=int, default=None, 
+    p.add_argument("--num-cpus", type=int, default=None,
                    help="CPUs of the local Ray (default: max(2, what both apps ask))")
     p.add_argument("--only", default=",".join(SCENARIOS), help=f"comma list of scenarios ({', '.join(SCENARIOS)})")
     p.add_argument("--out", default=None, help="write JSON lines here (default: stdout)")

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from grft_serve.core.generation import GenerationMeta, PromptError, example_ids
 
 from .common import autocast_ctx
-from .generate import answer_scores
 from .gendata import Example, ExampleSet, example_messages
+from .generate import answer_scores
 from .objective import Objective, ObjectiveError, target_device
 from .sources import DataError
 
@@ -115,7 +115,8 @@ class TokenBatches:
         return len(self.items)
 
     def batches(self, bs: int, shuffle: bool = False, rng: np.random.Generator | None = None) -> Iterator:
-        order = (rng or np.random.default_rng(0)).permutation(len(self.items)) if shuffle else np.arange(len(self.items))
+        n = len(self.items)
+        order = (rng or np.random.default_rng(0)).permutation(n) if shuffle else np.arange(n)
         for s in range(0, len(order), bs):
             yield collate([self.items[int(i)] for i in order[s:s + bs]], self.pad_id)
 

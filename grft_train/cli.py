@@ -15,8 +15,19 @@ from typing import Optional
 import typer
 
 from .cli_gen import data_app, generate
-from .cli_support import (BatchOpt, ConfigOpt, DeviceOpt, QuietOpt, SeedOpt, SetOpt, epilog, load_cmd, package_run,
-                          run_cli, setup_logging)
+from .cli_support import (
+    BatchOpt,
+    ConfigOpt,
+    DeviceOpt,
+    QuietOpt,
+    SeedOpt,
+    SetOpt,
+    epilog,
+    load_cmd,
+    package_run,
+    run_cli,
+    setup_logging,
+)
 from .config import ConfigError, load_config, parse_set
 
 __all__ = ["app", "main"]
@@ -96,8 +107,9 @@ def fit(
     quiet: bool = QuietOpt,
 ):
     """Fine-tune only the selected rows/columns (+ biases + head) with the task's loss + λ·‖θ − θ_pre‖²
-    and write the task package (a generation task: answer-token CE, no head). Trainable % = (selected row/column values + tuned biases + head parameters) / total
-    backbone parameters × 100 (metrics.trainable_pct)."""
+    and write the task package (a generation task: answer-token CE, no head). Trainable % = (selected
+    row/column values + tuned biases + head parameters) / total backbone parameters × 100
+    (metrics.trainable_pct)."""
     from .fit import run_fit
 
     setup_logging()
@@ -136,12 +148,11 @@ def sweep(
         grid = (parse_ints(k, "--k"), parse_floats(l2, "--l2"), [m.strip() for m in modes.split(",") if m.strip()])
     except SweepError as e:
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     res = run_cli(run_sweep, scfg, fcfg, *grid, out_dir)
     b = res["best"]
-    typer.echo(json.dumps({"package": res["package"], "best": {kk: b[kk] for kk in ("mode", "k", "l2_lambda", "val_score",
-                                                                                     "val_acc", "test_acc",
-                                                                                     "trainable_pct")},
+    best_keys = ("mode", "k", "l2_lambda", "val_score", "val_acc", "test_acc", "trainable_pct")
+    typer.echo(json.dumps({"package": res["package"], "best": {kk: b[kk] for kk in best_keys},
                            "runs": len(res["runs"]), "table": res["table"], "plot": res["plot"],
                            "seconds": res["seconds"]}))
 

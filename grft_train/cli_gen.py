@@ -51,7 +51,7 @@ def generate(
             items.append(json.loads(raw))
         except json.JSONDecodeError as e:
             typer.echo(f"error: --messages is not JSON: {e}", err=True)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
     if not items:
         typer.echo("error: give a prompt (argument) or --messages", err=True)
         raise typer.Exit(2)
@@ -66,7 +66,8 @@ def generate(
     for p, out in zip(items, ids):
         text = finish_text(bb.tokenizer, out, meta.generation.stop)
         if as_json:
-            typer.echo(json.dumps({"prompt": p, "text": text, "token_ids": out, "task_id": None if base else meta.task_id}))
+            typer.echo(json.dumps({"prompt": p, "text": text, "token_ids": out,
+                                   "task_id": None if base else meta.task_id}))
         else:
             typer.echo(text)
 

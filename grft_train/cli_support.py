@@ -55,7 +55,7 @@ def package_run(package: str) -> dict:
         run = peek_meta(p).training_config or {}
     except PackageError as e:
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     if not run.get("backbone"):
         typer.echo(f"error: {p} records no training config; pass the run file with -c", err=True)
         raise typer.Exit(2)
@@ -76,7 +76,7 @@ def load_cmd(cmd: str, config: Optional[Path], sets, quiet: bool, base: dict | N
         return load_config(cmd, config, merge_overrides(base, over) if base else over)
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
 
 
 def run_cli(fn, *args):
@@ -92,7 +92,7 @@ def run_cli(fn, *args):
         return fn(*args)
     except (DataError, FitError, SelectionError, BackboneError, PackageError, PromptError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
 
 
 def setup_logging():

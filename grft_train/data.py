@@ -29,9 +29,21 @@ import numpy as np
 import torch.utils.data
 from pydantic import BaseModel, ConfigDict, Field
 
-from .sources import (FASHION_MNIST_DIR, FASHION_MNIST_LABELS, DataError, Source, fashion_mnist_dir,
-                      fashion_mnist_files, hf_sources, idx_source, image_folder, read_idx, rotten_tomatoes_path,
-                      split_dirs, text_source)
+from .sources import (
+    FASHION_MNIST_DIR,
+    FASHION_MNIST_LABELS,
+    DataError,
+    Source,
+    fashion_mnist_dir,
+    fashion_mnist_files,
+    hf_sources,
+    idx_source,
+    image_folder,
+    read_idx,
+    rotten_tomatoes_path,
+    split_dirs,
+    text_source,
+)
 
 __all__ = ["DataConfig", "DataError", "SampleSet", "DataSplits", "load_splits", "fashion_mnist_dir",
            "rotten_tomatoes_path", "read_idx", "SPLITS"]
@@ -284,8 +296,9 @@ def load_splits(cfg: DataConfig | dict) -> DataSplits:
     few = [(labels[c], int(counts[c])) for c in range(len(labels)) if counts[c] < need]
     if few:
         shown = ", ".join(f"{n!r} ({k})" for n, k in few[:10])
-        raise DataError(f"too few samples to split into train/{'/'.join(reversed(carve))}: class{'es' if len(few) > 1 else ''} "
-                        f"{shown} need{'' if len(few) > 1 else 's'} at least {need} samples. Add samples, provide "
+        raise DataError(f"too few samples to split into train/{'/'.join(reversed(carve))}: "
+                        f"class{'es' if len(few) > 1 else ''} {shown} need{'' if len(few) > 1 else 's'} "
+                        f"at least {need} samples. Add samples, provide "
                         f"val/ and test/ split folders, or set data.val_fraction / data.test_fraction to 0")
     rng = np.random.default_rng(cfg.seed)
     rest = np.arange(len(pos))

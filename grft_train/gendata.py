@@ -174,7 +174,8 @@ def load_examples(cfg: DataConfig | dict) -> DataSplits:
             src = main
             sel = _cap(parts.get(s, np.zeros(0, dtype=np.int64)), y, cap, rng)
         out[s] = ExampleSet([src[int(i)] for i in sel], cfg.workers)
-    info = {"source": str(cfg.path), "sources": {"train": str(cfg.path), **({"test": str(cfg.test_path)} if provided else {})},
+    info = {"source": str(cfg.path),
+            "sources": {"train": str(cfg.path), **({"test": str(cfg.test_path)} if provided else {})},
             "layout": "chat records" if main[0].chat else "prompt/completion records", "carved": sorted(carve),
             "notes": [], "sizes": {s: len(out[s]) for s in SPLITS}}
     return DataSplits(out["train"], out["val"], out["test"], [], "generation", info)

@@ -47,7 +47,8 @@ def render_prompt(meta: GenerationMeta, tokenizer: Any, prompt: Prompt, chat: bo
     return prompt_ids(meta, tokenizer, prompt)
 
 
-def task_model(package: str | Path | TaskPackage | TaskModel | None, backbone: Backbone) -> tuple[TaskModel | None, GenerationMeta, bool]:
+def task_model(package: str | Path | TaskPackage | TaskModel | None,
+               backbone: Backbone) -> tuple[TaskModel | None, GenerationMeta, bool]:
     """(model applying the package or None for the base, its generation metadata, whether this call
     owns the model and must close it)."""
     if package is None or isinstance(package, TaskModel):

@@ -113,5 +113,6 @@ def describe_regularised(all_names: list[str], last_layers: int, embed: bool, he
     chosen = labels if last_layers < 0 else (labels[-last_layers:] if last_layers > 0 else [])
     mods = regularised_modules(all_names, all_names, last_layers, embed)
     return {"last_layers": last_layers, "layers_total": len(ordered),
-            "layers": (["stem"] if (embed or last_layers < 0) and lay.stem else []) + chosen + (["head"] if head else []),
+            "layers": ((["stem"] if (embed or last_layers < 0) and lay.stem else []) + chosen
+                       + (["head"] if head else [])),
             "stem": lay.stem, "modules": len(mods)}

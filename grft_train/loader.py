@@ -126,7 +126,8 @@ class Batches:
         bb = self.backbone
         collate = _token_collate(bb, self.preprocessing) if bb.kind == "text" else None
         workers = resolve_workers(self.workers, len(self.ds), bs, bb.kind)
-        return iter(make_loader(self.ds, bs, workers=workers, transform=_sample_transform(bb, self.augment_tf, self.preprocessing),
+        return iter(make_loader(self.ds, bs, workers=workers,
+                                transform=_sample_transform(bb, self.augment_tf, self.preprocessing),
                                 collate=collate, order=order, pin_memory=_model_device(bb).type == "cuda"))
 
 

@@ -16,7 +16,6 @@ from grft_serve.core.backbones import Backbone
 from grft_serve.core.package import TaskPackage
 from grft_serve.core.rowop import ModuleDelta, RowOpHooks
 
-
 __all__ = ["TaskModel"]
 
 

@@ -4,9 +4,9 @@ For every eligible patchable module (``nn.Linear``/``nn.Conv2d`` of the backbone
 optionally without the patch/stem embedding) the gradients of the run objective's selection loss
 (SCL for classification, the answer-token cross-entropy for ``causal_lm``: :mod:`grft_train.objective`)
 are accumulated over N batches (no zeroing between batches, as GPS does); their squares are summed
-per row (over every dim but 0) or per column (over every dim but 1). The top-k rows/columns of each matrix are kept; ``budget`` turns a
-global fraction of backbone parameters into a per-matrix k. ``sparse`` keeps GPS's top-k entries of
-each row instead (a baseline: such a selection cannot be packaged).
+per row (over every dim but 0) or per column (over every dim but 1). The top-k rows/columns of each
+matrix are kept; ``budget`` turns a global fraction of backbone parameters into a per-matrix k.
+``sparse`` keeps GPS's top-k entries of each row instead (a baseline: such a selection cannot be packaged).
 
 The selection file is safetensors: ``<module>.indices`` (int64, sorted; sparse: ``[out, k]``),
 ``<module>.scores`` (float32 per row/column) and ``__metadata__["grft_selection"]`` (JSON).
@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from grft_serve.core.backbones import Backbone
-from grft_serve.core.spec import iter_patchable, slice_count, slice_numel
 from grft_serve.core.package import atomic_write
+from grft_serve.core.spec import iter_patchable, slice_count, slice_numel
 
 from .common import is_embed, is_head, seed_everything
 from .config import SelectConfig

@@ -14,14 +14,14 @@ import pytest
 import torch
 from torch import nn
 
+from bench.random_lm import SHAPES, save_random_lm
 from grft_serve.core import package as P
 from grft_serve.core.generation import GenerationMeta
 from grft_serve.core.rowop import ROW, ModuleDelta
 
 __all__ = ["TINY_LM", "make_task", "make_tiny_lm", "merged_tokens", "need_smollm2"]
 
-TINY_LM = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-               intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=True)
+TINY_LM = SHAPES["tiny"]
 
 
 def need_smollm2() -> None:
@@ -33,23 +33,9 @@ def need_smollm2() -> None:
 
 def make_tiny_lm(path: str | os.PathLike, seed: int = 0, **overrides) -> Path:
     """Save a random tiny ``LlamaForCausalLM`` + SmolLM2's tokenizer to ``path`` (once per path)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from grft_serve.core.backbones import zoo
-
-    path = Path(path)
-    if (path / "config.json").exists():
-        return path
-    need_smollm2()
-    tok = AutoTokenizer.from_pretrained(str(zoo.smollm2_dir()))
-    cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, **{**TINY_LM, **overrides})
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(path))
-    tok.save_pretrained(str(path))
-    return path
+    if not (Path(path) / "config.json").exists():
+        need_smollm2()
+    return save_random_lm(path, "tiny", seed=seed, **overrides)
 
 
 def make_task(bb, tid, seed, mode=ROW, k=4, bias=False, max_new_tokens=16, fmt="chat"):

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_cnn, tiny_mlp
 
 from grft_serve.core.package import load_package
 from grft_train.config import EvalConfig, FitConfig
 from grft_train.evaluate import run_eval
 from grft_train.select import Selection, eligible_modules, sparse_indices
-
-from conftest import tiny_cnn, tiny_mlp
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -25,8 +24,15 @@ if str(ROOT) not in sys.path:
 
 from bench.acc_report import mean_se, summarise  # noqa: E402
 from bench.accuracy import FAMILIES, main, method_names, run_seed, smoke_setting  # noqa: E402
-from bench.baselines import (full_ft_builder, gps_builder, lora_builder, lora_count, lora_rank_for,  # noqa: E402
-                             lora_targets, sparse_k)
+from bench.baselines import (  # noqa: E402
+    full_ft_builder,
+    gps_builder,
+    lora_builder,
+    lora_count,
+    lora_rank_for,
+    lora_targets,
+    sparse_k,
+)
 
 peft = pytest.importorskip("peft", reason="LoRA baseline needs the bench extra (pip install .[bench])")
 
@@ -167,10 +173,10 @@ def test_generation_settings_train_every_method_with_matched_lora(tmp_path):
     """Generation bench on a tiny random LLaMA: base, GRFT row/column, LoRA at GRFT-row's budget and
     full fine-tuning all score exact match / ROUGE-L on one test split; one gradient pass serves
     every seed; summary, table and plot are written."""
+    from gen_fixtures import make_tiny_lm
+
     from bench.acc_gen import GEN_FAMILIES, GenCache, gen_data, plot_gen, render_gen, run_gen_seed, summarise_gen
     from bench.acc_settings import GEN_SETTINGS, Setting, merge
-
-    from gen_fixtures import make_tiny_lm
 
     pytest.importorskip("mathematics_dataset")
     lm = make_tiny_lm(tmp_path / "lm")

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from gen_fixtures import make_tiny_lm
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,13 +6,12 @@ import time
 
 import pytest
 import torch
+from gen_fixtures import make_task, make_tiny_lm, merged_tokens
 
 from grft_serve.core import package as P
 from grft_serve.core.backbones import CausalLMBackbone
 from grft_serve.engine import Engine, GenerationInputError, SamplingParams, TextGenerator
 from grft_serve.engine.decode_slots import slot_key
-
-from gen_fixtures import make_task, make_tiny_lm, merged_tokens
 
 N = 10
 QUESTIONS = ["What is the capital of France?", "Name a fruit."]

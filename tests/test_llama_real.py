@@ -31,8 +31,8 @@ def test_smollm2_select_fit_serve(tmp_path):
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert 0 < res["trainable_pct"] < 1
 
-    from grft_serve.engine import Engine
     from grft_serve.core.package import load_package
+    from grft_serve.engine import Engine
     from grft_train.evaluate import load_task_model
 
     bb = zoo.load("smollm2", max_length=24)

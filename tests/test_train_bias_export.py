@@ -14,11 +14,10 @@ def test_bias_all_package_on_cnn_merges_and_exports_to_onnx(tmp_path):
     stored per module (k=0 modules included) and equal merged weights, also through ONNX."""
     pytest.importorskip("onnxruntime")
     import onnxruntime as ort
-
     from conftest import tiny_cnn
 
-    from grft_serve.export import export_onnx, merge_task
     from grft_serve.core.package import save_package
+    from grft_serve.export import export_onnx, merge_task
     from grft_train.fit import build_task_model, make_package, used_modules
     from grft_train.select import Selection, eligible_modules
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from gen_fixtures import make_tiny_lm
 from torch import nn
 
 from grft_serve.core.backbones import CausalLMBackbone
@@ -24,8 +25,6 @@ from grft_train.fit import run_fit
 from grft_train.gendata import Example, load_examples
 from grft_train.generate import generate_ids, generate_text
 from grft_train.select import run_select, slice_scores, topk_indices
-
-from gen_fixtures import make_tiny_lm
 
 RECORDS = [{"prompt": f"What is {a} + {b}?", "completion": str(a + b)} for a in range(6) for b in range(7)]
 
@@ -177,7 +176,8 @@ def test_eval_reports_task_against_base(trained, lm_dir, data):
 
 def test_chat_records_train_on_the_assistant_turn(lm_dir, tmp_path):
     p = tmp_path / "chat.jsonl"
-    recs = [{"messages": [{"role": "user", "content": f"Add {a} and {a}"}, {"role": "assistant", "content": str(2 * a)}]}
+    recs = [{"messages": [{"role": "user", "content": f"Add {a} and {a}"},
+                          {"role": "assistant", "content": str(2 * a)}]}
             for a in range(8)]
     p.write_text("".join(json.dumps(r) + "\n" for r in recs))
     c = common(lm_dir, p)

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grft_train.data import (DataConfig, DataError, fashion_mnist_dir, load_splits, read_idx,
-                             rotten_tomatoes_path)
+from grft_train.data import DataConfig, DataError, fashion_mnist_dir, load_splits, read_idx, rotten_tomatoes_path
 
 
 def _imagefolder(root, classes=("cat", "dog", "owl"), n=10):
@@ -254,9 +253,9 @@ def test_hf_datasets_directory(tmp_path):
 def test_loader_batches_match_and_stream(tmp_path):
     """Worker processes produce the same batches as the main process, in the seeded order."""
     import torch
+    from conftest import tiny_vit
 
     from grft_train.loader import Batches, raw_batches
-    from conftest import tiny_vit
 
     root = _imagefolder(tmp_path / "imgs", n=12)
     s = load_splits(dict(format="imagefolder", path=str(root)))
@@ -274,7 +273,8 @@ def test_loader_batches_match_and_stream(tmp_path):
 def test_summary_table(tmp_path):
     from grft_train.summary import summary_table
 
-    s = load_splits(dict(format="imagefolder", path=str(_split_folder(tmp_path / "ds", splits=(("train", 8), ("test", 2))))))
+    folder = _split_folder(tmp_path / "ds", splits=(("train", 8), ("test", 2)))
+    s = load_splits(dict(format="imagefolder", path=str(folder)))
     text = summary_table(s)
     assert "val (carved)" in text and "split folders train/ test/" in text and "8x8 px" in text
     row = next(line for line in text.splitlines() if "cat" in line)

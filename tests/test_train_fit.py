@@ -12,10 +12,9 @@ from typer.testing import CliRunner
 from grft_serve.core.backbones import TimmBackbone
 from grft_serve.core.package import FingerprintMismatchError, load_package
 from grft_train.cli import app
-from grft_train.config import FitConfig, SelectConfig, load_config
+from grft_train.config import EvalConfig, FitConfig, SelectConfig, load_config
 from grft_train.data import load_splits
 from grft_train.evaluate import load_task_model, package_logits, run_eval
-from grft_train.config import EvalConfig
 from grft_train.fit import FitError, run_fit
 from grft_train.select import run_select
 
@@ -164,7 +163,8 @@ def test_column_mode_and_budget(trained, tmp_path):
                                   heatmap=False), backbone=bb, splits=splits)
     assert sel.meta["selected_fraction"] <= 0.01
     res = run_fit(FitConfig(**common, selection=str(tmp_path / "c.safetensors"), out_dir=str(tmp_path / "f"),
-                            epochs=1, max_steps=2, grad_accum=2, tune_bias=False, head_init="zero"), backbone=bb, splits=splits)
+                            epochs=1, max_steps=2, grad_accum=2, tune_bias=False, head_init="zero"),
+                  backbone=bb, splits=splits)
     pkg = load_package(res.package_path, base=trained["pristine"].describe())
     assert pkg.meta.mode == "column" and all(d.bias is None for d in pkg.deltas.values())
     raws = [splits.val[i][0] for i in range(4)]

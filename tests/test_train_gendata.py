@@ -6,13 +6,12 @@ import json
 
 import pytest
 import yaml
+from gen_fixtures import make_tiny_lm
 from typer.testing import CliRunner
 
 from grft_train.cli import app
 from grft_train.gendata import load_examples
 from grft_train.genmetrics import answer_metrics, exact_match, normalize_answer, rouge_l
-
-from gen_fixtures import make_tiny_lm
 
 GOOD = {"prompt": "What is 1 + 1?", "completion": "2"}
 

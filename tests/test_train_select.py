@@ -7,8 +7,18 @@ from grft_serve.core.backbones import ModuleBackbone
 from grft_train.config import SelectConfig
 from grft_train.data import DataSplits, SampleSet, Source
 from grft_train.objective import stratified_subsets as _subsets
-from grft_train.select import (Selection, heatmap, SelectionError, budget_to_k, eligible_modules, run_select,
-                               select_from_grads, slice_scores, sparse_indices, topk_indices)
+from grft_train.select import (
+    Selection,
+    SelectionError,
+    budget_to_k,
+    eligible_modules,
+    heatmap,
+    run_select,
+    select_from_grads,
+    slice_scores,
+    sparse_indices,
+    topk_indices,
+)
 
 
 def test_row_and_column_scores_pick_biggest():
@@ -138,6 +148,7 @@ def test_subsets_deterministic_and_lowest_loss_chosen(tmp_path):
 
 def test_eligible_modules_rules():
     import timm
+
     from grft_serve.core.backbones import TimmBackbone
 
     bb = TimmBackbone("test_vit", model=timm.create_model("test_vit", num_classes=5,
