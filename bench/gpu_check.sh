@@ -22,7 +22,10 @@ DEVICE=${DEVICE:-cuda}
 SMOKE=${SMOKE:-0}
 PY=${PY:-python3}
 mkdir -p "$OUT"
-if compgen -G ".gpu/whl/*.whl" >/dev/null; then
+# the carried wheels, where this python lacks what the project pins (the GPU image: no pydantic, an
+# older transformers)
+if compgen -G ".gpu/whl/*.whl" >/dev/null && ! $PY -c "import pydantic, peft, transformers as t; \
+    assert t.__version__.startswith('5.25')" 2>/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/grft-site \
     .gpu/whl/*.whl || exit 1
   export PYTHONPATH=/tmp/grft-site
