@@ -32,6 +32,10 @@ class MergedTask(nn.Module):
 
     def __init__(self, backbone: Backbone, pkg: TaskPackage):
         super().__init__()
+        if pkg.meta.kind != "classification":
+            raise ValueError(f"task {pkg.meta.task_id!r} is a {pkg.meta.kind} task: merging and ONNX export cover "
+                             "classification tasks (a generation task is served by the OpenAI-compatible routes "
+                             "and run locally with `grft-train generate`)")
         bb = copy.deepcopy(backbone).eval()
         mods = dict(bb.named_modules())
         with torch.no_grad():

@@ -90,3 +90,24 @@ def test_text_export_and_cli_errors(tmp_path):
     r = CliRunner().invoke(app, ["export", str(other), "--backbone", f"hf:{d}", "--out", str(tmp_path / "y.onnx")])
     assert r.exit_code == 1 and "fingerprint" in r.output
     assert not (tmp_path / "y.onnx").exists() and not list(tmp_path.glob(".y.onnx*"))
+
+
+def test_generation_package_is_refused_with_a_clear_error(tmp_path):
+    from gen_fixtures import make_task, make_tiny_lm
+
+    from grft_serve.core.backbones.causal import CausalLMBackbone
+
+    bb = CausalLMBackbone(make_tiny_lm(tmp_path / "lm"))
+    path = save_package(make_task(bb, "gen-task", seed=1), tmp_path / "gen.grft.safetensors")
+    with pytest.raises(ValueError, match="generation task"):
+        merge_task(bb, path)
+    r = CliRunner().invoke(app, ["export", str(path), "--backbone", str(_lm_config(tmp_path)),
+                                 "--out", str(tmp_path / "g.onnx")])
+    assert r.exit_code == 1 and "generation task" in r.output, r.output
+    assert not (tmp_path / "g.onnx").exists()
+
+
+def _lm_config(tmp_path):
+    p = tmp_path / "lm.yaml"
+    p.write_text(f"backbone: {{type: causal_lm, path: {tmp_path / 'lm'}}}\n")
+    return p
